@@ -1,0 +1,229 @@
+"""The run configuration: its schema with defaults, and validation.
+
+Experiment files in experiments/ start from `default_config()` and override
+fields; every field can be overridden on the command line
+(--config.sae.l1_coeff=3e-4). `validate` rejects bad values before anything is
+compiled or written, naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+
+from gsae_jax import models
+
+# Fields that may differ between a run's stored config and the config that
+# resumes it (how long, how often to log and save), by dotted-name prefix.
+RESUMABLE_FIELDS = ('train.num_steps', 'log.', 'checkpoint.')
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field the library understands, with its default."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'synthetic'  # 'synthetic' | 'cache'
+  c.data.cache_dir = ''  # an activation cache written by launch.harvest
+  c.data.shuffle_buffer = 1_000_000  # activations [P App. D]
+
+  # A synthetic source with a known dictionary: x = sum_i a_i d_i + noise, with
+  # ~avg_active non-negative a_i ~ U(magnitude_low, magnitude_high).
+  c.synthetic = ml_collections.ConfigDict()
+  c.synthetic.n_features = 256
+  c.synthetic.avg_active = 5.0
+  c.synthetic.magnitude_low = 0.5
+  c.synthetic.magnitude_high = 1.5
+  c.synthetic.noise_std = 0.01
+  # Features come in groups of `correlation_group` whose firing is correlated
+  # with this coefficient (Gaussian copula); 0 = independent.
+  c.synthetic.correlation = 0.0
+  c.synthetic.correlation_group = 4
+  c.synthetic.seed = 1234
+
+  c.sae = ml_collections.ConfigDict()
+  c.sae.architecture = 'gated'  # 'gated' | 'baseline'
+  c.sae.d_in = 64  # for a cache source, must equal the cache's d_in
+  c.sae.d_sae = 512
+  c.sae.l1_coeff = 1e-3
+  c.sae.sparsity = 'l1'  # see models.SPARSITY_PENALTIES
+  c.sae.loss_scale = 'mean'  # 'mean' (paper: /d_in) | 'sum'
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 4096  # [P App. D]
+  c.train.num_steps = 10_000
+  c.train.lr = 3e-4  # [P App. D], gated
+  c.train.adam_b1 = 0.0  # [P App. D]
+  c.train.adam_b2 = 0.999
+  c.train.adam_eps = 1e-8
+  c.train.lr_warmup_steps = 1000
+  c.train.lr_decay = 'constant'  # 'constant' | 'linear' | 'cosine'
+  c.train.lr_decay_fraction = 0.2  # decay to 0 over this last part of training
+  c.train.l1_warmup_steps = 0
+  # Scale activations by one scalar so E||x||^2 = d_in; stored with the run.
+  c.train.normalize_activations = True
+  c.train.norm_estimate_batches = 8
+  c.train.dead_window_tokens = 10_000_000  # a latent silent this long is dead
+
+  # Dead-latent resampling as in [P] (off by default).
+  c.resample = ml_collections.ConfigDict()
+  c.resample.enabled = False
+  c.resample.every_steps = 25_000
+  c.resample.stop_after_step = 100_000
+  c.resample.lr_warmup_steps = 1000  # lr x0.1, back to x1 on a cosine
+  c.resample.encoder_scale = 0.2
+
+  c.log = ml_collections.ConfigDict()
+  c.log.every_steps = 100
+  c.log.tensorboard = True
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.max_to_keep = 3
+  c.checkpoint.async_save = True
+  return c
+
+
+def _flatten(d: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(d, ml_collections.ConfigDict):
+    d = d.to_dict()
+  out = {}
+  for k, v in d.items():
+    name = f'{prefix}{k}'
+    if isinstance(v, dict):
+      out.update(_flatten(v, name + '.'))
+    else:
+      out[name] = v
+  return out
+
+
+def _require(ok: bool, field: str, msg: str) -> None:
+  if not ok:
+    raise ValueError(f'config.{field}: {msg}')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad field of `config`."""
+  known = _flatten(default_config())
+  given = _flatten(config)
+  for name in given:
+    if name not in known and not name.startswith('sweep.'):
+      parent = name.rsplit('.', 1)[0] if '.' in name else ''
+      options = sorted(k for k in known if k.rsplit('.', 1)[0] == parent)
+      raise ValueError(
+          f'config.{name}: unknown field. Known fields here: {", ".join(options)}'
+      )
+  for name in known:
+    _require(name in given, name, 'missing (start configs from default_config())')
+
+  sae, train = config.sae, config.train
+  _require(
+      sae.architecture in models.ARCHITECTURES,
+      'sae.architecture',
+      f'{sae.architecture!r} is not one of {models.ARCHITECTURES}',
+  )
+  _require(
+      sae.sparsity in models.SPARSITY_PENALTIES,
+      'sae.sparsity',
+      f'{sae.sparsity!r} is not one of {models.SPARSITY_PENALTIES}',
+  )
+  _require(
+      sae.loss_scale in models.LOSS_SCALES,
+      'sae.loss_scale',
+      f'{sae.loss_scale!r} is not one of {models.LOSS_SCALES}',
+  )
+  for field, value in (('sae.d_in', sae.d_in), ('sae.d_sae', sae.d_sae)):
+    _require(isinstance(value, int) and value > 0, field, f'must be > 0, got {value}')
+  _require(sae.l1_coeff >= 0, 'sae.l1_coeff', f'must be >= 0, got {sae.l1_coeff}')
+  _require(train.lr > 0, 'train.lr', f'must be > 0, got {train.lr}')
+  for field in ('batch_size', 'num_steps', 'norm_estimate_batches'):
+    v = train[field]
+    _require(v > 0, f'train.{field}', f'must be > 0, got {v}')
+  for field in ('lr_warmup_steps', 'l1_warmup_steps', 'dead_window_tokens'):
+    v = train[field]
+    _require(v >= 0, f'train.{field}', f'must be >= 0, got {v}')
+  _require(0 <= train.adam_b1 < 1, 'train.adam_b1', 'must be in [0, 1)')
+  _require(0 <= train.adam_b2 < 1, 'train.adam_b2', 'must be in [0, 1)')
+  _require(
+      train.lr_decay in ('constant', 'linear', 'cosine'),
+      'train.lr_decay',
+      f'{train.lr_decay!r} is not one of constant, linear, cosine',
+  )
+  _require(
+      0 <= train.lr_decay_fraction <= 1, 'train.lr_decay_fraction', 'must be in [0, 1]'
+  )
+  _require(
+      config.data.source in ('synthetic', 'cache'),
+      'data.source',
+      f'{config.data.source!r} is not one of synthetic, cache',
+  )
+  if config.data.source == 'cache':
+    _require(bool(config.data.cache_dir), 'data.cache_dir', 'required for a cache source')
+  syn = config.synthetic
+  _require(syn.n_features > 0, 'synthetic.n_features', 'must be > 0')
+  _require(
+      0 < syn.avg_active <= syn.n_features,
+      'synthetic.avg_active',
+      'must be in (0, n_features]',
+  )
+  _require(
+      0 <= syn.magnitude_low <= syn.magnitude_high,
+      'synthetic.magnitude_low',
+      'need 0 <= magnitude_low <= magnitude_high',
+  )
+  _require(0 <= syn.correlation < 1, 'synthetic.correlation', 'must be in [0, 1)')
+  _require(syn.correlation_group > 0, 'synthetic.correlation_group', 'must be > 0')
+  _require(syn.noise_std >= 0, 'synthetic.noise_std', 'must be >= 0')
+  if config.resample.enabled:
+    _require(config.resample.every_steps > 0, 'resample.every_steps', 'must be > 0')
+    _require(
+        config.train.dead_window_tokens > 0,
+        'train.dead_window_tokens',
+        'must be > 0 when resampling',
+    )
+  _require(config.log.every_steps > 0, 'log.every_steps', 'must be > 0')
+  _require(config.checkpoint.every_steps > 0, 'checkpoint.every_steps', 'must be > 0')
+  _require(config.checkpoint.max_to_keep > 0, 'checkpoint.max_to_keep', 'must be > 0')
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json_dict(d: dict) -> ml_collections.ConfigDict:
+  """A ConfigDict from its to_dict() form (lists back to tuples, as configs use)."""
+
+  def fix(v):
+    if isinstance(v, dict):
+      return {k: fix(x) for k, x in v.items()}
+    if isinstance(v, list):
+      return tuple(fix(x) for x in v)
+    return v
+
+  return ml_collections.ConfigDict(fix(d))
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  return from_json_dict(json.loads(text))
+
+
+def incompatible_fields(
+    stored: ml_collections.ConfigDict, given: ml_collections.ConfigDict
+) -> list[str]:
+  """Fields whose values differ in a way that makes `given` another run."""
+  a, b = _flatten(stored), _flatten(given)
+  diffs = []
+  for name in sorted(set(a) | set(b)):
+    if any(name.startswith(p) for p in RESUMABLE_FIELDS):
+      continue
+    va, vb = a.get(name, '<absent>'), b.get(name, '<absent>')
+    if isinstance(va, list):
+      va = tuple(va)
+    if isinstance(vb, list):
+      vb = tuple(vb)
+    if va != vb:
+      diffs.append(f'{name}: {va!r} (stored) vs {vb!r} (given)')
+  return diffs

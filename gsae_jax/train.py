@@ -1,0 +1,296 @@
+"""Training: the state, the compiled step, and the loop.
+
+The state always holds a stack of SAEs on a leading axis (one SAE is a stack of
+one); the step is one pure function (state, batch) -> (state, metrics), the
+single-SAE update under jax.vmap with the batch shared, jitted once with the
+state donated.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from gsae_jax import checkpoints, logs, models, optim, synthetic
+from gsae_jax import config as config_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # [] int32: optimizer steps taken
+  params: dict  # each [n_sae, ...]
+  opt_state: Any  # Adam moments, each [n_sae, ...]
+  hparams: optim.HParams  # each [n_sae]
+  steps_since_fired: jax.Array  # [n_sae, d_sae] int32
+  last_resample: jax.Array  # [n_sae] int32: step of the last resampling
+  norm_scale: jax.Array  # [] float32: x is multiplied by this before the SAE
+  rng: jax.Array  # [2] uint32
+
+
+def hparams_from_config(config: ml_collections.ConfigDict) -> optim.HParams:
+  """The hyperparameters of the run's SAE, as a stack of one."""
+  f32 = lambda v: jnp.asarray([v], jnp.float32)
+  return optim.HParams(
+      l1_coeff=f32(config.sae.l1_coeff),
+      lr=f32(config.train.lr),
+      lr_warmup_steps=f32(config.train.lr_warmup_steps),
+      l1_warmup_steps=f32(config.train.l1_warmup_steps),
+  )
+
+
+def init_state(
+    config: ml_collections.ConfigDict,
+    hparams: optim.HParams,
+    seeds: jax.Array,
+    norm_scale: float,
+) -> TrainState:
+  """A fresh state for a stack of SAEs, SAE i initialised from seeds[i]."""
+  spec = models.SAESpec.from_config(config.sae)
+  keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds, jnp.uint32))
+  params = jax.vmap(functools.partial(models.init_params, spec))(keys)
+  opt_state = jax.vmap(optim.adam(config).init)(params)
+  n_sae = keys.shape[0]
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=opt_state,
+      hparams=hparams,
+      steps_since_fired=jnp.zeros((n_sae, spec.d_sae), jnp.int32),
+      last_resample=jnp.full((n_sae,), -(10**9), jnp.int32),
+      norm_scale=jnp.asarray(norm_scale, jnp.float32),
+      rng=jax.random.PRNGKey(int(config.seed) + 1),
+  )
+
+
+def dead_window_steps(config: ml_collections.ConfigDict) -> int:
+  return max(1, math.ceil(config.train.dead_window_tokens / config.train.batch_size))
+
+
+def batch_metrics(x: jax.Array, out: dict) -> dict:
+  """Cheap per-batch metrics of one SAE (ratios of batch sums, [P §2 metrics])."""
+  x_hat, f = out['x_hat'], out['f']
+  err = jnp.sum(jnp.square(x - x_hat))
+  var = jnp.sum(jnp.square(x - jnp.mean(x, axis=0)))
+  return {
+      'l0': jnp.mean(jnp.sum(f > 0, axis=-1).astype(jnp.float32)),
+      'fvu': err / var,
+      'shrinkage_gamma': jnp.sum(jnp.square(x_hat)) / jnp.sum(x * x_hat),
+  }
+
+
+def make_train_step(config: ml_collections.ConfigDict):
+  """The step (state, x [batch, d_in]) -> (state, metrics of [n_sae] arrays)."""
+  spec = models.SAESpec.from_config(config.sae)
+  schedule = optim.Schedule.from_config(config)
+  adam = optim.adam(config)
+  window = dead_window_steps(config)
+
+  def sae_step(params, opt_state, hp, since_fired, last_resample, step, x):
+    l1_coeff = optim.l1_coefficient(hp, step)
+
+    def loss_fn(p):
+      out = models.forward(spec, p, x, l1_coeff)
+      loss = jnp.mean(out['l_rec'] + out['l_sp'] + out['l_aux'])
+      return loss, out
+
+    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    if spec.unit_norm_decoder:
+      grads['W_dec'] = optim.remove_parallel_component(grads['W_dec'], params['W_dec'])
+    updates, opt_state = adam.update(grads, opt_state, params)
+    lr = optim.learning_rate(schedule, hp, step, last_resample)
+    params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
+    if spec.unit_norm_decoder:
+      params['W_dec'] = optim.normalise_rows(params['W_dec'])
+    fired = jnp.any(out['f'] > 0, axis=0)  # [d_sae]
+    since_fired = jnp.where(fired, 0, since_fired + 1)
+    metrics = {
+        'loss': loss,
+        'l_rec': jnp.mean(out['l_rec']),
+        'l_sp': jnp.mean(out['l_sp']),
+        'l_aux': jnp.mean(out['l_aux']),
+        **batch_metrics(x, out),
+        'dead_fraction': jnp.mean((since_fired >= window).astype(jnp.float32)),
+        'lr': lr,
+        'l1_coeff': l1_coeff,
+    }
+    return params, opt_state, since_fired, metrics
+
+  stacked = jax.vmap(sae_step, in_axes=(0, 0, 0, 0, 0, None, None))
+
+  def train_step(state: TrainState, x: jax.Array):
+    x = x.astype(jnp.float32) * state.norm_scale
+    params, opt_state, since_fired, metrics = stacked(
+        state.params,
+        state.opt_state,
+        state.hparams,
+        state.steps_since_fired,
+        state.last_resample,
+        state.step,
+        x,
+    )
+    state = state.replace(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        steps_since_fired=since_fired,
+    )
+    return state, metrics
+
+  return train_step
+
+
+def make_resample(config: ml_collections.ConfigDict):
+  """(state, x) -> state with each SAE's dead latents resampled [P App. D]."""
+  spec = models.SAESpec.from_config(config.sae)
+  window = dead_window_steps(config)
+  scale = float(config.resample.encoder_scale)
+
+  def one(params, opt_state, since_fired, last_resample, step, x, key):
+    dead = since_fired >= window  # [d_sae]
+    params = optim.resample_params(spec, params, dead, x, key, scale)
+    opt_state = opt_state._replace(
+        mu=optim.reset_latents(opt_state.mu, dead),
+        nu=optim.reset_latents(opt_state.nu, dead),
+    )
+    since_fired = jnp.where(dead, 0, since_fired)
+    last_resample = jnp.where(jnp.any(dead), step, last_resample)
+    return params, opt_state, since_fired, last_resample, jnp.sum(dead)
+
+  def resample(state: TrainState, x: jax.Array):
+    x = x.astype(jnp.float32) * state.norm_scale
+    rng, key = jax.random.split(state.rng)
+    keys = jax.random.split(key, state.last_resample.shape[0])
+    params, opt_state, since, last, n_dead = jax.vmap(
+        one, in_axes=(0, 0, 0, 0, None, None, 0)
+    )(
+        state.params,
+        state.opt_state,
+        state.steps_since_fired,
+        state.last_resample,
+        state.step,
+        x,
+        keys,
+    )
+    state = state.replace(
+        params=params,
+        opt_state=opt_state,
+        steps_since_fired=since,
+        last_resample=last,
+        rng=rng,
+    )
+    return state, n_dead
+
+  return resample
+
+
+def make_source(config: ml_collections.ConfigDict):
+  """The activation source named by config.data."""
+  if config.data.source == 'synthetic':
+    return synthetic.SyntheticSource(
+        config.synthetic, config.sae.d_in, config.train.batch_size
+    )
+  raise NotImplementedError(f'data.source={config.data.source!r}')
+
+
+def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a workdir holding a run of another config; records this one."""
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      stored = config_lib.from_json(f.read())
+    diffs = config_lib.incompatible_fields(stored, config)
+    if diffs:
+      raise ValueError(
+          f'workdir {workdir} holds a run of another config; differing fields:\n  '
+          + '\n  '.join(diffs)
+          + '\nUse a new --workdir, or pass the stored config to resume it.'
+      )
+  os.makedirs(workdir, exist_ok=True)
+  logs.atomic_write_text(path, config_lib.to_json(config))
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str
+) -> TrainState:
+  """Trains (or resumes) the run in `workdir` to config.train.num_steps."""
+  config_lib.validate(config)
+  _check_workdir(config, workdir)
+  spec = models.SAESpec.from_config(config.sae)
+  source = make_source(config)
+  manager = checkpoints.Manager(workdir, config)
+
+  hparams = hparams_from_config(config)
+  seeds = jnp.asarray([config.seed], jnp.uint32)
+  abstract = jax.eval_shape(
+      lambda: init_state(config, hparams, seeds, 1.0)
+  )
+  restored = manager.restore_latest(abstract)
+  if restored is not None:
+    state, meta = restored
+    source.set_state(meta['data_state'])
+    logging.info('Resumed %s at step %d.', workdir, int(state.step))
+  else:
+    scale = 1.0
+    if config.train.normalize_activations:
+      ms = source.mean_squared_norm(config.train.norm_estimate_batches)
+      scale = math.sqrt(spec.d_in / ms)
+    state = init_state(config, hparams, seeds, scale)
+
+  train_step = jax.jit(make_train_step(config), donate_argnums=0)
+  resample = jax.jit(make_resample(config), donate_argnums=0)
+  num_steps = int(config.train.num_steps)
+  start = int(state.step)
+  writer = logs.MetricWriter(workdir, config, active=jax.process_index() == 0)
+  progress = logs.Progress(num_steps, config.train.batch_size, start)
+  log_every = logs.Every(config.log.every_steps, num_steps)
+  save_every = logs.Every(config.checkpoint.every_steps, num_steps)
+  resample_every = logs.Every(config.resample.every_steps)
+  try:
+    for step in range(start + 1, num_steps + 1):
+      x = source.next_batch()
+      state, metrics = train_step(state, x)
+      if (
+          config.resample.enabled
+          and resample_every(step)
+          and step <= config.resample.stop_after_step
+      ):
+        state, n_dead = resample(state, x)
+        writer.write(step, {'resampled': n_dead})
+      if log_every(step):
+        metrics = jax.device_get(metrics)
+        logs.check_finite(step, metrics)
+        writer.write(step, metrics)
+        progress.update(step, metrics)
+      if save_every(step):
+        manager.save(step, state, {'data_state': source.get_state()})
+  finally:
+    manager.close()
+    writer.close()
+    source.close()
+  return state
+
+
+def summary(state: TrainState) -> dict:
+  """JSON-able per-SAE facts about a state (for sweep indexes and tests)."""
+  return {'step': int(state.step), 'norm_scale': float(state.norm_scale)}
+
+
+def load_metrics(workdir: str) -> list[dict]:
+  """The records of a run's metrics.jsonl."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def host_params(state: TrainState, index: int = 0) -> dict[str, np.ndarray]:
+  """SAE `index`'s parameters as NumPy (normalised units)."""
+  return {k: np.asarray(v[index]) for k, v in state.params.items()}
