@@ -161,7 +161,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f'{config.data.source!r} is not one of synthetic, cache',
   )
   if config.data.source == 'cache':
-    _require(bool(config.data.cache_dir), 'data.cache_dir', 'required for a cache source')
+    _require(
+        bool(config.data.cache_dir), 'data.cache_dir', 'required for a cache source'
+    )
   syn = config.synthetic
   _require(syn.n_features > 0, 'synthetic.n_features', 'must be > 0')
   _require(

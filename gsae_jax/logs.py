@@ -17,7 +17,9 @@ def atomic_write_text(path: str, text: str) -> None:
   """Writes `text` to `path` so readers see the old file or the new, never half."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix=os.path.basename(path))
+  fd, tmp = tempfile.mkstemp(
+      dir=directory, prefix='.tmp-', suffix=os.path.basename(path)
+  )
   try:
     with os.fdopen(fd, 'w') as f:
       f.write(text)

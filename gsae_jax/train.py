@@ -219,9 +219,7 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   logs.atomic_write_text(path, config_lib.to_json(config))
 
 
-def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str
-) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (or resumes) the run in `workdir` to config.train.num_steps."""
   config_lib.validate(config)
   _check_workdir(config, workdir)
@@ -231,9 +229,7 @@ def train_and_evaluate(
 
   hparams = hparams_from_config(config)
   seeds = jnp.asarray([config.seed], jnp.uint32)
-  abstract = jax.eval_shape(
-      lambda: init_state(config, hparams, seeds, 1.0)
-  )
+  abstract = jax.eval_shape(lambda: init_state(config, hparams, seeds, 1.0))
   restored = manager.restore_latest(abstract)
   if restored is not None:
     state, meta = restored

@@ -1,6 +1,6 @@
 r"""Trains one run (a stack of SAEs) from a config; re-running resumes it.
 
-  python -m launch.train --config=experiments/synthetic.py --workdir=runs/syn
+python -m launch.train --config=experiments/synthetic.py --workdir=runs/syn
 """
 
 from absl import app, flags, logging

@@ -191,7 +191,9 @@ def test_sum_loss_scale_is_d_in_times_mean():
   total = models.loss_terms(
       models.SAESpec('gated', D_IN, D_SAE, loss_scale='sum'), params, x, 0.0
   )
-  np.testing.assert_allclose(float(total['l_rec']), D_IN * float(mean['l_rec']), rtol=1e-6)
+  np.testing.assert_allclose(
+      float(total['l_rec']), D_IN * float(mean['l_rec']), rtol=1e-6
+  )
 
 
 def test_gated_encoder_is_a_jumprelu():
