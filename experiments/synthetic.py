@@ -37,6 +37,19 @@ def get_config(arg: str = ''):
     c.train.lr_warmup_steps = 20
     c.log.every_steps = 50
     c.checkpoint.every_steps = 100
+  elif arg == 'test':  # the test suite's tiny run: seconds on 2 cores
+    c.sae.d_in, c.sae.d_sae = 16, 32
+    c.synthetic.n_features = 24
+    c.synthetic.avg_active = 3.0
+    c.train.batch_size = 64
+    c.train.num_steps = 20
+    c.train.lr = 3e-3
+    c.train.lr_warmup_steps = 5
+    c.train.dead_window_tokens = 64 * 5
+    c.log.every_steps = 5
+    c.log.tensorboard = False
+    c.checkpoint.every_steps = 10
+    c.checkpoint.async_save = False
   elif arg:
-    raise ValueError(f'unknown config argument {arg!r}; use "" or "runlocal"')
+    raise ValueError(f'unknown config argument {arg!r}; use "", "runlocal" or "test"')
   return c

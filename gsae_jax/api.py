@@ -8,7 +8,9 @@ named as SAELens names them, in raw activation units) and `.encode` /
 
 from __future__ import annotations
 
+import copy
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,8 @@ import ml_collections
 import numpy as np
 
 from gsae_jax import checkpoints, models
+from gsae_jax import config as config_lib
+from gsae_jax import sweep as sweep_lib
 
 
 class SAE:
@@ -72,29 +76,103 @@ class SAE:
     )
 
 
-def load(path: str, step: int | None = None, index: int | None = None):
-  """SAE(s) from a run's workdir.
+def _member_config(
+    config: ml_collections.ConfigDict, position: int
+) -> ml_collections.ConfigDict:
+  """The config of SAE `position` of a stacked run, as if it ran alone."""
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    for name in config_lib.STACK_FIELDS:
+      value = config_lib.stack_values(config, name)[position]
+      section, _, field = config_lib.STACK_FIELD_HOME[name].rpartition('.')
+      if section:
+        c[section][field] = value
+      else:
+        c[field] = value
+      c.stack[name] = ()
+  return c
 
-  Args:
-    path: a run's workdir.
-    step: the checkpoint step; None reads the newest complete checkpoint.
-    index: which SAE of a stacked run; None returns the only SAE of a run of
-      one, or a list of all SAEs of a stack.
-  """
+
+def _matches(config: ml_collections.ConfigDict, where: dict) -> bool:
+  for name, want in where.items():
+    if name == 'architecture':
+      have = config.sae.architecture
+    elif name == 'd_sae':
+      have = config.sae.d_sae
+    elif name in config_lib.STACK_FIELD_HOME:
+      section, _, field = config_lib.STACK_FIELD_HOME[name].rpartition('.')
+      have = config[section][field] if section else config[field]
+    else:
+      raise TypeError(
+          f'load() got an unknown hyperparameter {name!r}; filter by one of '
+          f'architecture, d_sae, {", ".join(config_lib.STACK_FIELDS)}'
+      )
+    if isinstance(want, str) or isinstance(have, str):
+      if want != have:
+        return False
+    elif not np.isclose(float(have), float(want), rtol=1e-6, atol=0):
+      return False
+  return True
+
+
+def _load_run(path: str, step: int | None) -> list[SAE]:
+  """Every SAE of one run's checkpoint (a stack of one or more)."""
   state, meta, step = checkpoints.read(path, step)
   config = checkpoints.config_of(meta)
   scale = float(meta['norm_scale'])
   params = state['params']
   n_sae = next(iter(params.values())).shape[0]
+  return [
+      SAE(
+          _member_config(config, i),
+          models.fold_normalisation({k: v[i] for k, v in params.items()}, scale),
+          step=step,
+          index=i,
+          norm_scale=scale,
+      )
+      for i in range(n_sae)
+  ]
 
-  def one(i: int) -> SAE:
-    if not 0 <= i < n_sae:
-      raise IndexError(f'index {i} out of range: {path} holds {n_sae} SAE(s)')
-    p = models.fold_normalisation({k: v[i] for k, v in params.items()}, scale)
-    return SAE(config, p, step=step, index=i, norm_scale=scale)
 
-  if index is not None:
-    return one(index)
-  if n_sae == 1:
-    return one(0)
-  return [one(i) for i in range(n_sae)]
+def load(path: str, step: int | None = None, index: int | None = None, **where):
+  """SAE(s) from a run's or a sweep's workdir.
+
+  Args:
+    path: a run's workdir (launch.train) or a sweep's (launch.sweep).
+    step: the checkpoint step; None reads the newest complete checkpoint.
+    index: which SAE: its position in a stacked run, or its row in a sweep's
+      index (sweep.csv).
+    **where: hyperparameter filters, e.g. l1_coeff=3e-4, architecture='gated'
+      (floats match to a relative 1e-6).
+
+  Returns:
+    One SAE when `index` is given, or when the run holds one SAE, or when the
+    filters select exactly one; otherwise a list of SAEs in index order.
+  """
+  if os.path.exists(os.path.join(path, sweep_lib.INDEX_JSON)):
+    rows = sweep_lib.read_index(path)['rows']
+    if index is not None:
+      rows = [r for r in rows if r['index'] == index]
+      if not rows:
+        raise IndexError(f'index {index} out of range for the sweep in {path}')
+    saes = []
+    loaded: dict[str, list[SAE]] = {}
+    for row in rows:
+      if row['workdir'] not in loaded:
+        loaded[row['workdir']] = _load_run(os.path.join(path, row['workdir']), step)
+      sae = loaded[row['workdir']][row['position']]
+      sae.index = row['index']
+      saes.append(sae)
+  else:
+    saes = _load_run(path, step)
+    if index is not None:
+      if not 0 <= index < len(saes):
+        raise IndexError(f'index {index} out of range: {path} holds {len(saes)} SAE(s)')
+      saes = [saes[index]]
+  if where:
+    saes = [s for s in saes if _matches(s.config, where)]
+    if not saes:
+      raise LookupError(f'no SAE in {path} has {where}')
+  if index is not None or len(saes) == 1:
+    return saes[0]
+  return saes

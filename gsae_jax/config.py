@@ -18,6 +18,16 @@ from gsae_jax import models
 # Fields that may differ between a run's stored config and the config that
 # resumes it (how long, how often to log and save), by dotted-name prefix.
 RESUMABLE_FIELDS = ('train.num_steps', 'log.', 'checkpoint.')
+# Hyperparameters that may differ between the SAEs of one compiled program.
+STACK_FIELDS = ('l1_coeff', 'lr', 'lr_warmup_steps', 'l1_warmup_steps', 'seed')
+# Where each stackable field lives in the config.
+STACK_FIELD_HOME = {
+    'l1_coeff': 'sae.l1_coeff',
+    'lr': 'train.lr',
+    'lr_warmup_steps': 'train.lr_warmup_steps',
+    'l1_warmup_steps': 'train.l1_warmup_steps',
+    'seed': 'seed',
+}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -76,6 +86,26 @@ def default_config() -> ml_collections.ConfigDict:
   c.resample.lr_warmup_steps = 1000  # lr x0.1, back to x1 on a cosine
   c.resample.encoder_scale = 0.2
 
+  # A grid of SAEs (launch.sweep): the Cartesian product of the non-empty
+  # tuples, each point overriding the field of the same name in sae/train/seed.
+  # Points with the same architecture and d_sae share one compiled program.
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.architecture = ()
+  c.sweep.d_sae = ()
+  c.sweep.l1_coeff = ()
+  c.sweep.lr = ()
+  c.sweep.lr_warmup_steps = ()
+  c.sweep.l1_warmup_steps = ()
+  c.sweep.seed = ()
+  # Equal compute as in [P]: baseline SAEs get this times the swept d_sae.
+  c.sweep.baseline_width_factor = 1.0
+
+  # The SAEs of one stacked program, one entry each (set by launch.sweep for a
+  # group; empty = one SAE from sae.l1_coeff, train.lr, ... and seed).
+  c.stack = ml_collections.ConfigDict()
+  for name in STACK_FIELDS:
+    c.stack[name] = ()
+
   c.log = ml_collections.ConfigDict()
   c.log.every_steps = 100
   c.log.tensorboard = True
@@ -110,7 +140,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   known = _flatten(default_config())
   given = _flatten(config)
   for name in given:
-    if name not in known and not name.startswith('sweep.'):
+    if name not in known:
       parent = name.rsplit('.', 1)[0] if '.' in name else ''
       options = sorted(k for k in known if k.rsplit('.', 1)[0] == parent)
       raise ValueError(
@@ -186,9 +216,71 @@ def validate(config: ml_collections.ConfigDict) -> None:
         'train.dead_window_tokens',
         'must be > 0 when resampling',
     )
+  _validate_sweep(config)
   _require(config.log.every_steps > 0, 'log.every_steps', 'must be > 0')
   _require(config.checkpoint.every_steps > 0, 'checkpoint.every_steps', 'must be > 0')
   _require(config.checkpoint.max_to_keep > 0, 'checkpoint.max_to_keep', 'must be > 0')
+
+
+def _validate_sweep(config: ml_collections.ConfigDict) -> None:
+  sweep, stack = config.sweep, config.stack
+  for name in (
+      'architecture',
+      'd_sae',
+      'l1_coeff',
+      'lr',
+      'lr_warmup_steps',
+      'l1_warmup_steps',
+      'seed',
+  ):
+    _require(
+        isinstance(sweep[name], tuple),
+        f'sweep.{name}',
+        f'must be a tuple, got {sweep[name]!r}',
+    )
+  for a in sweep.architecture:
+    _require(
+        a in models.ARCHITECTURES,
+        'sweep.architecture',
+        f'{a!r} is not one of {models.ARCHITECTURES}',
+    )
+  for v in sweep.d_sae:
+    _require(isinstance(v, int) and v > 0, 'sweep.d_sae', f'must be > 0, got {v}')
+  for name, ok, what in (
+      ('l1_coeff', lambda v: v >= 0, '>= 0'),
+      ('lr', lambda v: v > 0, '> 0'),
+      ('lr_warmup_steps', lambda v: v >= 0, '>= 0'),
+      ('l1_warmup_steps', lambda v: v >= 0, '>= 0'),
+      ('seed', lambda v: isinstance(v, int) and v >= 0, 'an int >= 0'),
+  ):
+    for v in tuple(sweep[name]) + tuple(stack[name]):
+      _require(ok(v), f'sweep.{name}', f'values must be {what}, got {v!r}')
+  _require(
+      sweep.baseline_width_factor > 0,
+      'sweep.baseline_width_factor',
+      f'must be > 0, got {sweep.baseline_width_factor}',
+  )
+  lengths = {name: len(stack[name]) for name in STACK_FIELDS if len(stack[name])}
+  _require(
+      len(set(lengths.values())) <= 1,
+      'stack',
+      f'every non-empty field needs one entry per SAE, got lengths {lengths}',
+  )
+
+
+def stack_size(config: ml_collections.ConfigDict) -> int:
+  """How many SAEs the run's compiled program trains."""
+  return max([len(config.stack[name]) for name in STACK_FIELDS] + [1])
+
+
+def stack_values(config: ml_collections.ConfigDict, name: str) -> tuple:
+  """Per-SAE values of stackable field `name` (the base value if not stacked)."""
+  values = tuple(config.stack[name])
+  if values:
+    return values
+  section, _, field = STACK_FIELD_HOME[name].rpartition('.')
+  base = config[section][field] if section else config[field]
+  return (base,) * stack_size(config)
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

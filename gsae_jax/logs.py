@@ -166,3 +166,11 @@ class Progress:
         f'FVU {show("fvu")}',
     ]
     print(' | '.join(parts), file=self.stream, flush=True)
+
+
+def info(message: str) -> None:
+  """A status line for the user on stderr (process 0 only)."""
+  import jax  # noqa: PLC0415 (keep this module importable without JAX set up)
+
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)

@@ -34,18 +34,23 @@ class TrainState:
   steps_since_fired: jax.Array  # [n_sae, d_sae] int32
   last_resample: jax.Array  # [n_sae] int32: step of the last resampling
   norm_scale: jax.Array  # [] float32: x is multiplied by this before the SAE
-  rng: jax.Array  # [2] uint32
+  rng: jax.Array  # [n_sae, 2] uint32: per-SAE keys (resampling)
 
 
 def hparams_from_config(config: ml_collections.ConfigDict) -> optim.HParams:
-  """The hyperparameters of the run's SAE, as a stack of one."""
-  f32 = lambda v: jnp.asarray([v], jnp.float32)
+  """The per-SAE hyperparameters of the run's stack ([n_sae] arrays)."""
+  f32 = lambda name: jnp.asarray(config_lib.stack_values(config, name), jnp.float32)
   return optim.HParams(
-      l1_coeff=f32(config.sae.l1_coeff),
-      lr=f32(config.train.lr),
-      lr_warmup_steps=f32(config.train.lr_warmup_steps),
-      l1_warmup_steps=f32(config.train.l1_warmup_steps),
+      l1_coeff=f32('l1_coeff'),
+      lr=f32('lr'),
+      lr_warmup_steps=f32('lr_warmup_steps'),
+      l1_warmup_steps=f32('l1_warmup_steps'),
   )
+
+
+def seeds_from_config(config: ml_collections.ConfigDict) -> jax.Array:
+  """The per-SAE initialisation seeds of the run's stack ([n_sae] uint32)."""
+  return jnp.asarray(config_lib.stack_values(config, 'seed'), jnp.uint32)
 
 
 def init_state(
@@ -68,7 +73,7 @@ def init_state(
       steps_since_fired=jnp.zeros((n_sae, spec.d_sae), jnp.int32),
       last_resample=jnp.full((n_sae,), -(10**9), jnp.int32),
       norm_scale=jnp.asarray(norm_scale, jnp.float32),
-      rng=jax.random.PRNGKey(int(config.seed) + 1),
+      rng=jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys),
   )
 
 
@@ -168,8 +173,7 @@ def make_resample(config: ml_collections.ConfigDict):
 
   def resample(state: TrainState, x: jax.Array):
     x = x.astype(jnp.float32) * state.norm_scale
-    rng, key = jax.random.split(state.rng)
-    keys = jax.random.split(key, state.last_resample.shape[0])
+    rng, keys = jnp.unstack(jax.vmap(jax.random.split)(state.rng), axis=1)
     params, opt_state, since, last, n_dead = jax.vmap(
         one, in_axes=(0, 0, 0, 0, None, None, 0)
     )(
@@ -228,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   manager = checkpoints.Manager(workdir, config)
 
   hparams = hparams_from_config(config)
-  seeds = jnp.asarray([config.seed], jnp.uint32)
+  seeds = seeds_from_config(config)
   abstract = jax.eval_shape(lambda: init_state(config, hparams, seeds, 1.0))
   restored = manager.restore_latest(abstract)
   if restored is not None:

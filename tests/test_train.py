@@ -15,20 +15,8 @@ from gsae_jax import config as config_lib
 
 
 def tiny_config(**overrides):
-  """A seconds-long synthetic run: d_in 16, d_sae 32, batch 64."""
-  c = synthetic_exp.get_config('runlocal')
-  c.sae.d_in, c.sae.d_sae = 16, 32
-  c.synthetic.n_features = 24
-  c.synthetic.avg_active = 3.0
-  c.train.batch_size = 64
-  c.train.num_steps = 20
-  c.train.lr = 3e-3
-  c.train.lr_warmup_steps = 5
-  c.train.dead_window_tokens = 64 * 5
-  c.log.every_steps = 5
-  c.log.tensorboard = False
-  c.checkpoint.every_steps = 10
-  c.checkpoint.async_save = False
+  """A seconds-long synthetic run (d_in 16, d_sae 32, batch 64), overridden."""
+  c = synthetic_exp.get_config('test')
   for name, value in overrides.items():
     section, field = name.split('__')
     c[section][field] = value

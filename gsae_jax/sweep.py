@@ -1,0 +1,307 @@
+"""Sweeps: a grid of SAEs split into groups that each train as one program.
+
+A grid point sets any of architecture, d_sae, l1_coeff, lr, warm-up lengths and
+seed (config.sweep). Points with the same architecture and d_sae form a group:
+one stacked run (config.stack holds its per-SAE values) trained by one jitted
+step in its own workdir, <sweep>/groups/<name>. The sweep index,
+<sweep>/sweep.json and sweep.csv, has one row per SAE (its values, group,
+position in the stack, checkpoint directory, status and final metrics), and is
+rewritten atomically after every group, so an interrupted sweep resumes: done
+groups are skipped, interrupted ones resume from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from gsae_jax import checkpoints, logs
+from gsae_jax import config as config_lib
+
+# The grid axes, in the order points are enumerated (the last varies fastest).
+GRID_FIELDS = ('architecture', 'd_sae') + config_lib.STACK_FIELDS
+INDEX_JSON, INDEX_CSV = 'sweep.json', 'sweep.csv'
+
+
+@dataclasses.dataclass
+class Group:
+  """SAEs sharing one compiled program: same architecture and d_sae."""
+
+  name: str
+  config: ml_collections.ConfigDict  # a standalone run config with .stack set
+  members: list[dict]  # the grid points, in stack order, with 'index'
+
+  @property
+  def size(self) -> int:
+    return len(self.members)
+
+
+def _base_value(config: ml_collections.ConfigDict, name: str) -> Any:
+  if name == 'architecture':
+    return config.sae.architecture
+  if name == 'd_sae':
+    return config.sae.d_sae
+  section, _, field = config_lib.STACK_FIELD_HOME[name].rpartition('.')
+  return config[section][field] if section else config[field]
+
+
+def expand(config: ml_collections.ConfigDict) -> list[dict]:
+  """The grid points: one dict of GRID_FIELDS values per SAE, in index order."""
+  axes = [tuple(config.sweep[n]) or (_base_value(config, n),) for n in GRID_FIELDS]
+  points = []
+  for i, values in enumerate(itertools.product(*axes)):
+    point = dict(zip(GRID_FIELDS, values))
+    if point['architecture'] == 'baseline':
+      point['d_sae'] = int(round(point['d_sae'] * config.sweep.baseline_width_factor))
+    point['index'] = i
+    points.append(point)
+  return points
+
+
+def plan(config: ml_collections.ConfigDict) -> list[Group]:
+  """The sweep's groups, each a run config whose stack holds its SAEs."""
+  config_lib.validate(config)
+  by_shape: dict[tuple[str, int], list[dict]] = {}
+  for point in expand(config):
+    by_shape.setdefault((point['architecture'], point['d_sae']), []).append(point)
+  groups = []
+  for (arch, d_sae), members in by_shape.items():
+    c = copy.deepcopy(config)
+    with c.unlocked():
+      c.sae.architecture, c.sae.d_sae = arch, d_sae
+      for name in ('architecture', 'd_sae') + config_lib.STACK_FIELDS:
+        c.sweep[name] = ()
+      for name in config_lib.STACK_FIELDS:
+        c.stack[name] = tuple(m[name] for m in members)
+    groups.append(Group(f'{arch}_d{d_sae}', c, members))
+  return groups
+
+
+def group_workdir(workdir: str, group: Group | str) -> str:
+  name = group if isinstance(group, str) else group.name
+  return os.path.join(workdir, 'groups', name)
+
+
+def memory_estimate(config: ml_collections.ConfigDict, n_sae: int) -> dict[str, int]:
+  """Bytes a stacked run needs on one device (float32), by kind.
+
+  params: the stack's parameters; adam: two moments; activations: the
+  [n_sae, batch, d_sae] arrays the step keeps for the backward pass (about
+  six: pre-activations, gates, magnitudes, latents and their cotangents), plus
+  the batch and the reconstructions.
+  """
+  d_in, d_sae, b = config.sae.d_in, config.sae.d_sae, config.train.batch_size
+  per_sae = 2 * d_in * d_sae + 4 * d_sae + d_in
+  params = 4 * n_sae * per_sae
+  acts = 4 * (n_sae * 6 * b * d_sae + (1 + 2 * n_sae) * b * d_in)
+  return {
+      'params': params,
+      'adam': 2 * params,
+      'gradients': params,
+      'activations': acts,
+      'total': 4 * params + acts,
+  }
+
+
+def _format_bytes(n: float) -> str:
+  for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
+    if n < 1024 or unit == 'TiB':
+      return f'{n:.1f} {unit}'
+    n /= 1024
+  raise AssertionError
+
+
+def describe(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The plan as text: groups, their SAEs and memory, and what is done."""
+  groups = plan(config)
+  lines = [
+      f'sweep of {sum(g.size for g in groups)} SAEs in {len(groups)} group(s) '
+      f'-> {workdir}'
+  ]
+  for g in groups:
+    mem = memory_estimate(g.config, g.size)
+    status = 'done' if is_done(g, workdir) else 'to train'
+    lines.append(
+        f'  {g.name}: {g.size} SAEs (indices {g.members[0]["index"]}..'
+        f'{g.members[-1]["index"]}), d_in {g.config.sae.d_in}, '
+        f'{g.config.train.num_steps} steps, ~{_format_bytes(mem["total"])} '
+        f'(params {_format_bytes(mem["params"])}, activations '
+        f'{_format_bytes(mem["activations"])}) [{status}]'
+    )
+    for m in g.members:
+      varied = ', '.join(
+          f'{k}={m[k]}' for k in config_lib.STACK_FIELDS if config.sweep[k]
+      )
+      lines.append(f'    #{m["index"]}: {varied or "(base values)"}')
+  return '\n'.join(lines)
+
+
+def is_done(group: Group, workdir: str) -> bool:
+  gdir = group_workdir(workdir, group)
+  done = checkpoints.steps(gdir) if os.path.isdir(gdir) else []
+  return bool(done) and done[-1] >= int(group.config.train.num_steps)
+
+
+def _final_metrics(gdir: str, position: int) -> dict:
+  path = os.path.join(gdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    lines = [ln for ln in f if ln.strip()]
+  if not lines:
+    return {}
+  record = json.loads(lines[-1])
+  out = {'final_step': record['step']}
+  for k, v in record.items():
+    if isinstance(v, list) and len(v) > position:
+      out[k] = v[position]
+  return out
+
+
+def index_rows(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """The sweep index as it stands on disk: one row per SAE."""
+  rows = []
+  for g in plan(config):
+    gdir = group_workdir(workdir, g)
+    done = is_done(g, workdir)
+    started = os.path.isdir(gdir) and bool(checkpoints.steps(gdir))
+    for position, m in enumerate(g.members):
+      row = {
+          'index': m['index'],
+          'group': g.name,
+          'position': position,
+          **{k: m[k] for k in GRID_FIELDS},
+          'workdir': os.path.relpath(gdir, workdir),
+          'status': 'done' if done else ('partial' if started else 'pending'),
+      }
+      if started:
+        row.update(
+            {f'metric_{k}': v for k, v in _final_metrics(gdir, position).items()}
+        )
+      rows.append(row)
+  return rows
+
+
+def write_index(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Rewrites sweep.json (with the sweep config) and sweep.csv atomically."""
+  rows = index_rows(config, workdir)
+  doc = {'config': config.to_dict(), 'rows': rows}
+  logs.atomic_write_text(
+      os.path.join(workdir, INDEX_JSON), json.dumps(doc, indent=1, default=_jsonable)
+  )
+  fields = list(dict.fromkeys(k for row in rows for k in row))
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=fields)
+  writer.writeheader()
+  writer.writerows(rows)
+  logs.atomic_write_text(os.path.join(workdir, INDEX_CSV), buf.getvalue())
+  return rows
+
+
+def _jsonable(v):
+  if isinstance(v, np.generic):
+    return v.item()
+  raise TypeError(f'not JSON serialisable: {v!r}')
+
+
+def read_index(workdir: str) -> dict:
+  """{'config': ConfigDict, 'rows': [...]} of a sweep directory."""
+  path = os.path.join(workdir, INDEX_JSON)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{workdir} is not a sweep directory (no {INDEX_JSON})')
+  with open(path) as f:
+    doc = json.load(f)
+  doc['config'] = config_lib.from_json_dict(doc['config'])
+  return doc
+
+
+def check_sweep_dir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a sweep directory that holds another sweep's config."""
+  path = os.path.join(workdir, INDEX_JSON)
+  if not os.path.exists(path):
+    return
+  stored = read_index(workdir)['config']
+  diffs = config_lib.incompatible_fields(stored, config)
+  if diffs:
+    raise ValueError(
+        f'sweep directory {workdir} holds another sweep; differing fields:\n  '
+        + '\n  '.join(diffs)
+    )
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    only: tuple[str, ...] = (),
+    train_fn=None,
+) -> list[dict]:
+  """Trains every group not yet done (or just the groups named in `only`).
+
+  Returns the final sweep index rows.
+  """
+  from gsae_jax import train  # noqa: PLC0415 (train imports this module's users)
+
+  train_fn = train_fn or train.train_and_evaluate
+  groups = plan(config)
+  names = [g.name for g in groups]
+  for name in only:
+    if name not in names:
+      raise ValueError(f'--group {name!r} is not in this sweep; groups: {names}')
+  check_sweep_dir(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  write_index(config, workdir)
+  for g in groups:
+    if only and g.name not in only:
+      continue
+    if is_done(g, workdir):
+      logs.info(f'group {g.name}: done, skipped')
+      continue
+    logs.info(f'group {g.name}: training {g.size} SAEs in one program')
+    try:
+      train_fn(g.config, group_workdir(workdir, g))
+    finally:
+      write_index(config, workdir)
+  return write_index(config, workdir)
+
+
+def cluster_commands(
+    config_arg: str, workdir: str, config: ml_collections.ConfigDict, kind: str
+) -> str:
+  """Per-job shell commands: one group per job, all in one sweep workdir.
+
+  kind 'slurm': an sbatch array script; 'tpu': one gcloud command per group
+  (each a multi-host job over the pod slice's workers).
+  """
+  groups = plan(config)
+  cmd = f'python -m launch.sweep --config={config_arg} --workdir={workdir}'
+  if kind == 'slurm':
+    names = ' '.join(g.name for g in groups)
+    return '\n'.join(
+        [
+            '#!/bin/bash',
+            f'#SBATCH --array=0-{len(groups) - 1}',
+            '#SBATCH --job-name=gsae_sweep',
+            f'GROUPS=({names})',
+            f'{cmd} --group="${{GROUPS[$SLURM_ARRAY_TASK_ID]}}"',
+            '',
+        ]
+    )
+  if kind == 'tpu':
+    return (
+        '\n'.join(
+            f'gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all '
+            f"--command='cd gsae_jax && {cmd} --group={g.name}'"
+            for g in groups
+        )
+        + '\n'
+    )
+  raise ValueError(f'cluster kind {kind!r} is not one of slurm, tpu')

@@ -1,0 +1,53 @@
+r"""Trains a grid of SAEs, one compiled program per (architecture, d_sae) group.
+
+  python -m launch.sweep --config=experiments/synthetic_sweep.py \
+      --workdir=runs/sweep [--dry_run] [--group=gated_d512]
+  python -m launch.sweep ... --cluster=slurm > sweep.sbatch   # one group per job
+
+Re-running the same command resumes: done groups are skipped, interrupted
+groups resume from their checkpoints.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from gsae_jax import sweep
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file (path[:arg]).', lock_config=True
+)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory (created; resumed).')
+_DRY_RUN = flags.DEFINE_bool(
+    'dry_run', False, 'Print the plan (groups, SAEs, memory) and exit.'
+)
+_GROUP = flags.DEFINE_multi_string('group', [], 'Train only these groups.')
+_CLUSTER = flags.DEFINE_enum(
+    'cluster', None, ['slurm', 'tpu'], 'Print per-job commands and exit.'
+)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  if _CLUSTER.value:
+    config_arg = flags.FLAGS['config'].serialize().split('=', 1)[1]
+    sys.stdout.write(
+        sweep.cluster_commands(config_arg, workdir, config, _CLUSTER.value)
+    )
+    return
+  if _DRY_RUN.value:
+    print(sweep.describe(config, workdir))
+    return
+  rows = sweep.run(config, workdir, only=tuple(_GROUP.value))
+  done = sum(r['status'] == 'done' for r in rows)
+  print(f'{done}/{len(rows)} SAEs done; index: {workdir}/{sweep.INDEX_CSV}')
+
+
+if __name__ == '__main__':
+  app.run(main)
