@@ -59,7 +59,7 @@ def expand(config: ml_collections.ConfigDict) -> list[dict]:
   axes = [tuple(config.sweep[n]) or (_base_value(config, n),) for n in GRID_FIELDS]
   points = []
   for i, values in enumerate(itertools.product(*axes)):
-    point = dict(zip(GRID_FIELDS, values))
+    point = dict(zip(GRID_FIELDS, values, strict=True))
     if point['architecture'] == 'baseline':
       point['d_sae'] = int(round(point['d_sae'] * config.sweep.baseline_width_factor))
     point['index'] = i

@@ -64,7 +64,7 @@ def test_sweep_trains_each_group_as_one_program_and_matches_separate_runs(
 
   stacked = gsae_jax.load(str(tmp_path / 'sweep'))
   assert [s.index for s in stacked] == [0, 1, 2, 3]
-  for member, sae in zip(sweep.expand(c), stacked):
+  for member, sae in zip(sweep.expand(c), stacked, strict=True):
     alone = synthetic_exp.get_config('test')
     alone.sae.l1_coeff, alone.seed = member['l1_coeff'], member['seed']
     workdir = str(tmp_path / f'alone{member["index"]}')
