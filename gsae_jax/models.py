@@ -188,11 +188,21 @@ def _squared_error(spec: SAESpec, x: jax.Array, y: jax.Array) -> jax.Array:
   return se / spec.d_in if spec.loss_scale == 'mean' else se
 
 
-def forward(spec: SAESpec, params: Params, x: jax.Array, l1_coeff) -> dict:
-  """The training forward pass: loss terms per example and intermediates.
+def stacked_forward(
+    spec: SAESpec, params: Params, x: jax.Array, l1_coeff: jax.Array
+) -> dict:
+  """The training forward pass of a stack of N SAEs on one shared batch.
 
-  Returns a dict with per-example terms l_rec, l_sp, l_aux [batch] and f
-  [batch, d_sae], x_hat [batch, d_in]. Gradient routing [P Eq. 8] is built in:
+  params are stacked ([N, ...] each), x [batch, d_in] is shared and l1_coeff is
+  [N]. Returns per-example loss terms l_rec, l_sp, l_aux [N, batch], latents f
+  [N, batch, d_sae] and reconstructions x_hat [N, batch, d_in].
+
+  Every SAE sees the same x, so the N encoders run as ONE wide matmul
+  x @ [W_enc_1 | ... | W_enc_N] (and their weight gradients as one wide
+  x^T @ cotangent) instead of N small batched ones, which XLA runs slowly on
+  CPU; only the decoders are a batched matmul.
+
+  Gradient routing [P Eq. 8] is built in:
     - L_rec does not reach the gate path (the Heaviside gate has zero gradient),
       so b_gate learns only from L_sp and L_aux while W_enc also learns through
       the tied magnitude path;
@@ -200,45 +210,56 @@ def forward(spec: SAESpec, params: Params, x: jax.Array, l1_coeff) -> dict:
       only through the encoder input;
     - L_sp reaches neither r_mag, b_mag nor W_dec in the paper form.
   """
-  m = module(spec)
-  apply = lambda method, *a: m.apply({'params': params}, *a, method=method)
   sg = jax.lax.stop_gradient
-  pre = apply('pre_activations', x)  # [batch, d_sae]
-  w_dec, b_dec = params['W_dec'], params['b_dec']
-  if spec.sparsity == 'l1':
-    penalty_weight = None
-  else:
-    norms = jnp.linalg.norm(w_dec, axis=-1)  # [d_sae]
-    penalty_weight = sg(norms) if spec.sparsity == 'decoder_norm_frozen' else norms
+  w_enc, w_dec, b_dec = params['W_enc'], params['W_dec'], params['b_dec']
+  n, d_in, d_sae = w_enc.shape
+  batch = x.shape[0]
+  wide = jnp.transpose(w_enc, (1, 0, 2)).reshape(d_in, n * d_sae)
+  pre = jnp.transpose((x @ wide).reshape(batch, n, d_sae), (1, 0, 2))
+  # (x - b_dec) W_enc, with b_dec's gradient a mat-vec, not a second matmul.
+  pre = pre - jnp.einsum('ni,nis->ns', b_dec, w_enc)[:, None, :]  # [N, B, S]
+  col = lambda name: params[name][:, None, :]  # [N, 1, S]
 
   if spec.architecture == 'gated':
-    pi_gate, pi_mag = apply('gates', pre)
+    pi_gate = pre + col('b_gate')
+    pi_mag = jnp.exp(col('r_mag')) * pre + col('b_mag')
     f = jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0)
     sparse_acts = jax.nn.relu(pi_gate)
   else:
-    f = jax.nn.relu(pre)
+    f = jax.nn.relu(pre + col('b_enc'))
     sparse_acts = f
-  x_hat = f @ w_dec + b_dec
+  x_hat = jnp.einsum('nbs,nsd->nbd', f, w_dec) + b_dec[:, None, :]
 
-  if penalty_weight is not None:
-    sparse_acts_w = sparse_acts * penalty_weight
+  if spec.sparsity == 'l1':
+    sparse_sum = jnp.sum(sparse_acts, axis=-1)  # [N, B]
   else:
-    sparse_acts_w = sparse_acts
+    norms = jnp.linalg.norm(w_dec, axis=-1)  # [N, S]
+    if spec.sparsity == 'decoder_norm_frozen':
+      norms = sg(norms)
+    sparse_sum = jnp.einsum('nbs,ns->nb', sparse_acts, norms)
   out = {
       'f': f,
       'x_hat': x_hat,
       'l_rec': _squared_error(spec, x, x_hat),
-      'l_sp': l1_coeff * jnp.sum(sparse_acts_w, axis=-1),
+      'l_sp': jnp.asarray(l1_coeff)[:, None] * sparse_sum,
   }
   if spec.architecture == 'gated':
     if spec.sparsity == 'decoder_norm':
-      x_aux = sparse_acts @ w_dec + b_dec
+      w_aux, b_aux = w_dec, b_dec
     else:
-      x_aux = sparse_acts @ sg(w_dec) + sg(b_dec)
+      w_aux, b_aux = sg(w_dec), sg(b_dec)
+    x_aux = jnp.einsum('nbs,nsd->nbd', sparse_acts, w_aux) + b_aux[:, None, :]
     out['l_aux'] = _squared_error(spec, x, x_aux)
   else:
     out['l_aux'] = jnp.zeros_like(out['l_rec'])
   return out
+
+
+def forward(spec: SAESpec, params: Params, x: jax.Array, l1_coeff) -> dict:
+  """`stacked_forward` for one SAE: terms [batch], f [batch, d_sae], x_hat."""
+  stack = {k: v[None] for k, v in params.items()}
+  out = stacked_forward(spec, stack, x, jnp.reshape(l1_coeff, (1,)))
+  return {k: v[0] for k, v in out.items()}
 
 
 def loss_terms(spec: SAESpec, params: Params, x: jax.Array, l1_coeff) -> dict:

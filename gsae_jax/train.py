@@ -94,21 +94,19 @@ def batch_metrics(x: jax.Array, out: dict) -> dict:
 
 
 def make_train_step(config: ml_collections.ConfigDict):
-  """The step (state, x [batch, d_in]) -> (state, metrics of [n_sae] arrays)."""
+  """The step (state, x [batch, d_in]) -> (state, metrics of [n_sae] arrays).
+
+  Losses and gradients of the whole stack come from one `stacked_forward`
+  (its encoders are one wide matmul); the sum of the per-SAE losses has each
+  SAE's own gradient in its slice. The update (Adam, per-SAE lr, unit-norm
+  decoder, dead-latent counters) is elementwise and runs under jax.vmap.
+  """
   spec = models.SAESpec.from_config(config.sae)
   schedule = optim.Schedule.from_config(config)
   adam = optim.adam(config)
   window = dead_window_steps(config)
 
-  def sae_step(params, opt_state, hp, since_fired, last_resample, step, x):
-    l1_coeff = optim.l1_coefficient(hp, step)
-
-    def loss_fn(p):
-      out = models.forward(spec, p, x, l1_coeff)
-      loss = jnp.mean(out['l_rec'] + out['l_sp'] + out['l_aux'])
-      return loss, out
-
-    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  def update(params, grads, opt_state, hp, fired, since_fired, last_resample, step):
     if spec.unit_norm_decoder:
       grads['W_dec'] = optim.remove_parallel_component(grads['W_dec'], params['W_dec'])
     updates, opt_state = adam.update(grads, opt_state, params)
@@ -116,33 +114,42 @@ def make_train_step(config: ml_collections.ConfigDict):
     params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
     if spec.unit_norm_decoder:
       params['W_dec'] = optim.normalise_rows(params['W_dec'])
-    fired = jnp.any(out['f'] > 0, axis=0)  # [d_sae]
     since_fired = jnp.where(fired, 0, since_fired + 1)
-    metrics = {
-        'loss': loss,
-        'l_rec': jnp.mean(out['l_rec']),
-        'l_sp': jnp.mean(out['l_sp']),
-        'l_aux': jnp.mean(out['l_aux']),
-        **batch_metrics(x, out),
-        'dead_fraction': jnp.mean((since_fired >= window).astype(jnp.float32)),
-        'lr': lr,
-        'l1_coeff': l1_coeff,
-    }
-    return params, opt_state, since_fired, metrics
-
-  stacked = jax.vmap(sae_step, in_axes=(0, 0, 0, 0, 0, None, None))
+    return params, opt_state, since_fired, lr
 
   def train_step(state: TrainState, x: jax.Array):
     x = x.astype(jnp.float32) * state.norm_scale
-    params, opt_state, since_fired, metrics = stacked(
+    l1 = jax.vmap(optim.l1_coefficient, in_axes=(0, None))(state.hparams, state.step)
+
+    def loss_fn(params):
+      out = models.stacked_forward(spec, params, x, l1)
+      per_sae = jnp.mean(out['l_rec'] + out['l_sp'] + out['l_aux'], axis=1)
+      return jnp.sum(per_sae), (per_sae, out)
+
+    (_, (loss, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    fired = jnp.any(out['f'] > 0, axis=1)  # [n_sae, d_sae]
+    params, opt_state, since_fired, lr = jax.vmap(
+        update, in_axes=(0, 0, 0, 0, 0, 0, 0, None)
+    )(
         state.params,
+        grads,
         state.opt_state,
         state.hparams,
+        fired,
         state.steps_since_fired,
         state.last_resample,
         state.step,
-        x,
     )
+    metrics = {
+        'loss': loss,
+        'l_rec': jnp.mean(out['l_rec'], axis=1),
+        'l_sp': jnp.mean(out['l_sp'], axis=1),
+        'l_aux': jnp.mean(out['l_aux'], axis=1),
+        **jax.vmap(batch_metrics, in_axes=(None, 0))(x, out),
+        'dead_fraction': jnp.mean((since_fired >= window).astype(jnp.float32), axis=1),
+        'lr': lr,
+        'l1_coeff': l1,
+    }
     state = state.replace(
         step=state.step + 1,
         params=params,

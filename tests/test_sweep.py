@@ -49,16 +49,16 @@ def test_sweep_trains_each_group_as_one_program_and_matches_separate_runs(
   c = sweep_config()
   c.sweep.architecture = ('gated',)
   traced = []
-  real_forward = models.forward
+  real_forward = models.stacked_forward
 
   def counting_forward(*args, **kwargs):
     traced.append(1)
     return real_forward(*args, **kwargs)
 
-  monkeypatch.setattr(models, 'forward', counting_forward)
+  monkeypatch.setattr(models, 'stacked_forward', counting_forward)
   rows = sweep.run(c, str(tmp_path / 'sweep'))
   assert len(traced) == 1  # four SAEs, one trace of the step
-  monkeypatch.setattr(models, 'forward', real_forward)
+  monkeypatch.setattr(models, 'stacked_forward', real_forward)
   assert [r['status'] for r in rows] == ['done'] * 4
   assert all(np.isfinite(r['metric_fvu']) for r in rows)
 
