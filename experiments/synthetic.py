@@ -11,7 +11,7 @@ Laptop check in seconds:
       --workdir=runs/synthetic_local
 Override any field:
   python -m launch.train --config=experiments/synthetic.py \
-      --config.sae.architecture=baseline --config.sae.l1_coeff=3e-3 --workdir=...
+      --config.sae.architecture=baseline --config.sae.l1_coeff=0.02 --workdir=...
 """
 
 from gsae_jax import config as config_lib
@@ -23,10 +23,10 @@ def get_config(arg: str = ''):
   c.sae.d_in = 64
   c.sae.d_sae = 512
   c.sae.architecture = 'gated'
-  c.sae.l1_coeff = 3e-3
+  c.sae.l1_coeff = 0.04  # under loss_scale 'mean'; L0 ~10 of 256 true features
   c.train.batch_size = 2048
   c.train.num_steps = 3000
-  c.train.lr = 1e-3
+  c.train.lr = 4e-3
   c.train.lr_warmup_steps = 200
   c.train.dead_window_tokens = 1_000_000
   c.log.every_steps = 250
@@ -44,6 +44,7 @@ def get_config(arg: str = ''):
     c.train.batch_size = 64
     c.train.num_steps = 20
     c.train.lr = 3e-3
+    c.sae.l1_coeff = 3e-3
     c.train.lr_warmup_steps = 5
     c.train.dead_window_tokens = 64 * 5
     c.log.every_steps = 5
