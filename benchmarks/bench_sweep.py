@@ -87,7 +87,9 @@ def main():
     steps = 40 if name == 'small' else 3
     one = _time_run(_config(d_in, d_sae, batch, 1), steps, args.data_ms)
     for n in [int(v) for v in args.stacks.split(',')]:
-      stacked = _time_run(_config(d_in, d_sae, batch, n), max(2, steps // n), args.data_ms)
+      stacked = _time_run(
+          _config(d_in, d_sae, batch, n), max(2, steps // n), args.data_ms
+      )
       stacked_rate, seq_rate = n / stacked, 1 / one  # N runs of one: N x the time
       row = {
           'shape': name,

@@ -17,7 +17,7 @@ from gsae_jax import models
 
 # Fields that may differ between a run's stored config and the config that
 # resumes it (how long, how often to log and save), by dotted-name prefix.
-RESUMABLE_FIELDS = ('train.num_steps', 'log.', 'checkpoint.')
+RESUMABLE_FIELDS = ('train.num_steps', 'log.', 'checkpoint.', 'data.prefetch')
 # Hyperparameters that may differ between the SAEs of one compiled program.
 STACK_FIELDS = ('l1_coeff', 'lr', 'lr_warmup_steps', 'l1_warmup_steps', 'seed')
 # Where each stackable field lives in the config.
@@ -39,6 +39,28 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.source = 'synthetic'  # 'synthetic' | 'cache'
   c.data.cache_dir = ''  # an activation cache written by launch.harvest
   c.data.shuffle_buffer = 1_000_000  # activations [P App. D]
+  c.data.seed = 0  # shuffle order of the cache (shared by every SAE of a stack)
+  c.data.prefetch = 4  # batches the reader's thread prepares ahead
+
+  # Harvesting activations into a cache (launch.harvest -> data.cache_dir).
+  c.harvest = ml_collections.ConfigDict()
+  c.harvest.model = ''  # a Llama-family GGUF file; '' = the bundled SmolLM2-135M
+  c.harvest.site = 'blocks.15.hook_resid_post'
+  c.harvest.dataset = 'gsae_text_corpus'  # any TFDS text dataset
+  c.harvest.data_dir = ''  # TFDS data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.harvest.split = 'train'
+  c.harvest.text_key = 'text'
+  c.harvest.context_len = 128  # tokens per context; position 0 is dropped
+  c.harvest.num_tokens = (
+      1_000_000  # activations to store (stops early if text runs out)
+  )
+  c.harvest.lm_batch_size = 8  # contexts per LM call
+  # Drop activations with norm > this x the batch median (extra attention
+  # sinks besides position 0); 0 keeps all.
+  c.harvest.outlier_norm_factor = 10.0
+  c.harvest.dtype = 'float16'  # on disk: 'float16' | 'bfloat16'
+  c.harvest.shard_rows = 1 << 18
+  c.harvest.record_rows = 4096
 
   # A synthetic source with a known dictionary: x = sum_i a_i d_i + noise, with
   # ~avg_active non-negative a_i ~ U(magnitude_low, magnitude_high).
@@ -76,6 +98,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Scale activations by one scalar so E||x||^2 = d_in; stored with the run.
   c.train.normalize_activations = True
   c.train.norm_estimate_batches = 8
+  # b_dec starts at 0 (the paper) or at the data mean (better for LM
+  # activations, whose mean carries much of their norm).
+  c.train.b_dec_init = 'zeros'  # 'zeros' | 'mean'
   c.train.dead_window_tokens = 10_000_000  # a latent silent this long is dead
 
   # Dead-latent resampling as in [P] (off by default).
@@ -175,6 +200,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ('lr_warmup_steps', 'l1_warmup_steps', 'dead_window_tokens'):
     v = train[field]
     _require(v >= 0, f'train.{field}', f'must be >= 0, got {v}')
+  _require(
+      train.b_dec_init in ('zeros', 'mean'),
+      'train.b_dec_init',
+      f'{train.b_dec_init!r} is not one of zeros, mean',
+  )
   _require(0 <= train.adam_b1 < 1, 'train.adam_b1', 'must be in [0, 1)')
   _require(0 <= train.adam_b2 < 1, 'train.adam_b2', 'must be in [0, 1)')
   _require(
@@ -220,6 +250,36 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.log.every_steps > 0, 'log.every_steps', 'must be > 0')
   _require(config.checkpoint.every_steps > 0, 'checkpoint.every_steps', 'must be > 0')
   _require(config.checkpoint.max_to_keep > 0, 'checkpoint.max_to_keep', 'must be > 0')
+
+
+def _validate_harvest(h: ml_collections.ConfigDict) -> None:
+  import re  # noqa: PLC0415
+
+  site_ok = re.fullmatch(
+      r'blocks\.\d+\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)', h.site
+  )
+  _require(
+      bool(site_ok),
+      'harvest.site',
+      f'{h.site!r} is not a hook name like blocks.15.hook_resid_post '
+      '(hooks: resid_pre, resid_mid, resid_post, attn_out, mlp_out)',
+  )
+  _require(
+      h.context_len >= 2, 'harvest.context_len', 'must be >= 2 (position 0 is dropped)'
+  )
+  _require(h.num_tokens > 0, 'harvest.num_tokens', 'must be > 0')
+  _require(h.lm_batch_size > 0, 'harvest.lm_batch_size', 'must be > 0')
+  _require(h.outlier_norm_factor >= 0, 'harvest.outlier_norm_factor', 'must be >= 0')
+  _require(
+      h.dtype in ('float16', 'bfloat16'),
+      'harvest.dtype',
+      f'{h.dtype!r} is not one of float16, bfloat16',
+  )
+  _require(
+      h.record_rows > 0 and h.shard_rows > 0 and h.shard_rows % h.record_rows == 0,
+      'harvest.shard_rows',
+      'must be a positive multiple of harvest.record_rows',
+  )
 
 
 def _validate_sweep(config: ml_collections.ConfigDict) -> None:

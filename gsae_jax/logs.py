@@ -123,7 +123,7 @@ class MetricWriter:
       self._tb.close()
 
 
-def _fmt_duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
   if not math.isfinite(seconds):
     return '?'
   seconds = int(seconds)
@@ -160,7 +160,7 @@ class Progress:
     parts = [
         f'step {step}/{self.num_steps}',
         f'{tokens_per_s:,.0f} tok/s' if math.isfinite(tokens_per_s) else 'compiling',
-        f'ETA {_fmt_duration(eta)}',
+        f'ETA {format_duration(eta)}',
         f'loss {show("loss")}',
         f'L0 {show("l0")}',
         f'FVU {show("fvu")}',

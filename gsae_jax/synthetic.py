@@ -69,14 +69,19 @@ class SyntheticSource:
     self.position += 1
     return batch
 
+  def _estimate_batches(self, num_batches: int):
+    key = jax.random.fold_in(self._dict_key, 1)  # not a training batch key
+    return [self._batch(jax.random.fold_in(key, i)) for i in range(num_batches)]
+
   def mean_squared_norm(self, num_batches: int) -> float:
     """E||x||^2 estimated on batches drawn apart from the training stream."""
-    key = jax.random.fold_in(self._dict_key, 1)  # not a training batch key
-    total = 0.0
-    for i in range(num_batches):
-      x = self._batch(jax.random.fold_in(key, i))
-      total += float(jnp.mean(jnp.sum(jnp.square(x), axis=-1)))
-    return total / num_batches
+    xs = self._estimate_batches(num_batches)
+    return float(np.mean([jnp.mean(jnp.sum(jnp.square(x), axis=-1)) for x in xs]))
+
+  def mean_vector(self, num_batches: int) -> np.ndarray:
+    """E[x] [d_in], estimated likewise."""
+    xs = self._estimate_batches(num_batches)
+    return np.mean([np.asarray(jnp.mean(x, axis=0)) for x in xs], axis=0)
 
   def get_state(self) -> dict:
     return {'position': self.position}

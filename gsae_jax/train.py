@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from gsae_jax import cache as cache_lib
 from gsae_jax import checkpoints, logs, models, optim, synthetic
 from gsae_jax import config as config_lib
 
@@ -204,13 +205,64 @@ def make_resample(config: ml_collections.ConfigDict):
   return resample
 
 
-def make_source(config: ml_collections.ConfigDict):
+class CacheSource:
+  """Training batches from an activation cache (launch.harvest).
+
+  Each process reads only its slice of the cache (cache.CacheReader), in a
+  background thread; batches become global jax Arrays with `sharding` (or
+  plain device arrays). Its position is a small JSON-able dict saved with
+  every checkpoint, so a resumed run sees exactly the batches it would have.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, sharding=None):
+    self.sharding = sharding
+    self.reader = cache_lib.CacheReader(
+        config.data.cache_dir,
+        batch_size=int(config.train.batch_size),
+        seed=int(config.data.seed),
+        shuffle_buffer=int(config.data.shuffle_buffer),
+        d_in=int(config.sae.d_in),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        prefetch=int(config.data.prefetch),
+    )
+
+  def next_batch(self) -> jax.Array:
+    local = next(self.reader)
+    if self.sharding is None:
+      return jnp.asarray(local)
+    return cache_lib.to_global_array(local, self.sharding)
+
+  def mean_squared_norm(self, num_batches: int) -> float:
+    del num_batches  # the manifest has E||x||^2 over the whole cache
+    return self.reader.cache.mean_sq_norm
+
+  def mean_vector(self, num_batches: int) -> np.ndarray:
+    del num_batches  # and E[x]
+    return np.asarray(self.reader.cache.mean, np.float32)
+
+  def get_state(self) -> dict:
+    return self.reader.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self.reader.set_state(state)
+
+  def close(self) -> None:
+    self.reader.close()
+
+
+def make_source(config: ml_collections.ConfigDict, sharding=None):
   """The activation source named by config.data."""
   if config.data.source == 'synthetic':
     return synthetic.SyntheticSource(
         config.synthetic, config.sae.d_in, config.train.batch_size
     )
-  raise NotImplementedError(f'data.source={config.data.source!r}')
+  if not os.path.isdir(config.data.cache_dir):
+    raise FileNotFoundError(
+        f'config.data.cache_dir: {config.data.cache_dir} does not exist; write it '
+        'with python -m launch.harvest --config=<the same config>'
+    )
+  return CacheSource(config, sharding)
 
 
 def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -252,6 +304,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       ms = source.mean_squared_norm(config.train.norm_estimate_batches)
       scale = math.sqrt(spec.d_in / ms)
     state = init_state(config, hparams, seeds, scale)
+    if config.train.b_dec_init == 'mean':
+      mean = source.mean_vector(config.train.norm_estimate_batches) * scale
+      b_dec = jnp.broadcast_to(
+          jnp.asarray(mean, jnp.float32), state.params['b_dec'].shape
+      )
+      state = state.replace(params={**state.params, 'b_dec': b_dec})
 
   train_step = jax.jit(make_train_step(config), donate_argnums=0)
   resample = jax.jit(make_resample(config), donate_argnums=0)
