@@ -99,7 +99,11 @@ def read(workdir: str, step: int | None = None) -> tuple[dict, dict, int]:
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'no checkpoints in {workdir} (expected {directory})')
-  with ocp.CheckpointManager(directory, item_names=('state', 'meta')) as mngr:
+  handlers = {
+      'state': ocp.StandardCheckpointHandler(),
+      'meta': ocp.JsonCheckpointHandler(),
+  }
+  with ocp.CheckpointManager(directory, item_handlers=handlers) as mngr:
     available = sorted(mngr.all_steps())
     if not available:
       raise FileNotFoundError(f'no complete checkpoint in {directory}')
@@ -109,10 +113,17 @@ def read(workdir: str, step: int | None = None) -> tuple[dict, dict, int]:
       raise FileNotFoundError(
           f'no checkpoint for step {step} in {directory}; available: {available}'
       )
+    # Whatever mesh or processes wrote it, read it whole onto this process's
+    # first device.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        mngr.item_metadata(step)['state'],
+    )
     restored = mngr.restore(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
         ),
     )
   state = jax.tree.map(np.asarray, restored.state)

@@ -17,7 +17,13 @@ from gsae_jax import models
 
 # Fields that may differ between a run's stored config and the config that
 # resumes it (how long, how often to log and save), by dotted-name prefix.
-RESUMABLE_FIELDS = ('train.num_steps', 'log.', 'checkpoint.', 'data.prefetch')
+RESUMABLE_FIELDS = (
+    'train.num_steps',
+    'log.',
+    'checkpoint.',
+    'data.prefetch',
+    'mesh.',
+)
 # Hyperparameters that may differ between the SAEs of one compiled program.
 STACK_FIELDS = ('l1_coeff', 'lr', 'lr_warmup_steps', 'l1_warmup_steps', 'seed')
 # Where each stackable field lives in the config.
@@ -130,6 +136,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.stack = ml_collections.ConfigDict()
   for name in STACK_FIELDS:
     c.stack[name] = ()
+
+  # Devices: a (data, model, sweep) mesh, -1 = all remaining devices; logical
+  # axes map to mesh axes by these rules (gsae_jax.parallel).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.strategy = 'jit'  # 'jit' (NamedSharding) | 'pmap' (data parallel)
+  c.mesh.data = -1
+  c.mesh.model = 1
+  c.mesh.sweep = 1
+  c.mesh.rules = (
+      ('batch', 'data'),
+      ('sae', 'sweep'),
+      ('d_sae', 'model'),
+      ('d_in', None),
+  )
 
   c.log = ml_collections.ConfigDict()
   c.log.every_steps = 100
@@ -247,6 +267,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         'must be > 0 when resampling',
     )
   _validate_sweep(config)
+  _require(
+      config.mesh.strategy in ('jit', 'pmap'),
+      'mesh.strategy',
+      f'{config.mesh.strategy!r} is not one of jit, pmap',
+  )
   _require(config.log.every_steps > 0, 'log.every_steps', 'must be > 0')
   _require(config.checkpoint.every_steps > 0, 'checkpoint.every_steps', 'must be > 0')
   _require(config.checkpoint.max_to_keep > 0, 'checkpoint.max_to_keep', 'must be > 0')

@@ -189,12 +189,17 @@ def _squared_error(spec: SAESpec, x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def stacked_forward(
-    spec: SAESpec, params: Params, x: jax.Array, l1_coeff: jax.Array
+    spec: SAESpec,
+    params: Params,
+    x: jax.Array,
+    l1_coeff: jax.Array,
+    latent_sharding=None,
 ) -> dict:
   """The training forward pass of a stack of N SAEs on one shared batch.
 
   params are stacked ([N, ...] each), x [batch, d_in] is shared and l1_coeff is
-  [N]. Returns per-example loss terms l_rec, l_sp, l_aux [N, batch], latents f
+  [N]. `latent_sharding` (optional) pins the [N, batch, d_sae] latents to a
+  sharding on a device mesh. Returns per-example loss terms l_rec, l_sp, l_aux [N, batch], latents f
   [N, batch, d_sae] and reconstructions x_hat [N, batch, d_in].
 
   Every SAE sees the same x, so the N encoders run as ONE wide matmul
@@ -218,6 +223,8 @@ def stacked_forward(
   pre = jnp.transpose((x @ wide).reshape(batch, n, d_sae), (1, 0, 2))
   # (x - b_dec) W_enc, with b_dec's gradient a mat-vec, not a second matmul.
   pre = pre - jnp.einsum('ni,nis->ns', b_dec, w_enc)[:, None, :]  # [N, B, S]
+  if latent_sharding is not None:  # keep the latents sharded as the weights
+    pre = jax.lax.with_sharding_constraint(pre, latent_sharding)
   col = lambda name: params[name][:, None, :]  # [N, 1, S]
 
   if spec.architecture == 'gated':

@@ -192,8 +192,15 @@ def index_rows(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 
 
 def write_index(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-  """Rewrites sweep.json (with the sweep config) and sweep.csv atomically."""
+  """Rewrites sweep.json (with the sweep config) and sweep.csv atomically.
+
+  Only process 0 writes; every process gets the rows.
+  """
+  import jax  # noqa: PLC0415
+
   rows = index_rows(config, workdir)
+  if jax.process_index() != 0:
+    return rows
   doc = {'config': config.to_dict(), 'rows': rows}
   logs.atomic_write_text(
       os.path.join(workdir, INDEX_JSON), json.dumps(doc, indent=1, default=_jsonable)
@@ -299,7 +306,7 @@ def cluster_commands(
     return (
         '\n'.join(
             f'gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all '
-            f"--command='cd gsae_jax && {cmd} --group={g.name}'"
+            f"--command='cd gsae_jax && {cmd} --distributed --group={g.name}'"
             for g in groups
         )
         + '\n'

@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 
 from gsae_jax import cache as cache_lib
-from gsae_jax import checkpoints, logs, models, optim, synthetic
+from gsae_jax import checkpoints, logs, models, optim, parallel, synthetic
 from gsae_jax import config as config_lib
 
 
@@ -94,8 +94,16 @@ def batch_metrics(x: jax.Array, out: dict) -> dict:
   }
 
 
-def make_train_step(config: ml_collections.ConfigDict):
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    data_axis: str | None = None,
+    latent_sharding=None,
+):
   """The step (state, x [batch, d_in]) -> (state, metrics of [n_sae] arrays).
+
+  `data_axis`: under jax.pmap, the axis name to average gradients and
+  metrics over (x is then the device's part of the batch). `latent_sharding`:
+  under jit on a mesh, the sharding of the [n_sae, batch, d_sae] latents.
 
   Losses and gradients of the whole stack come from one `stacked_forward`
   (its encoders are one wide matmul); the sum of the per-SAE losses has each
@@ -123,12 +131,15 @@ def make_train_step(config: ml_collections.ConfigDict):
     l1 = jax.vmap(optim.l1_coefficient, in_axes=(0, None))(state.hparams, state.step)
 
     def loss_fn(params):
-      out = models.stacked_forward(spec, params, x, l1)
+      out = models.stacked_forward(spec, params, x, l1, latent_sharding)
       per_sae = jnp.mean(out['l_rec'] + out['l_sp'] + out['l_aux'], axis=1)
       return jnp.sum(per_sae), (per_sae, out)
 
     (_, (loss, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     fired = jnp.any(out['f'] > 0, axis=1)  # [n_sae, d_sae]
+    if data_axis is not None:
+      grads = jax.lax.pmean(grads, data_axis)
+      fired = jax.lax.pmax(fired.astype(jnp.int32), data_axis) > 0
     params, opt_state, since_fired, lr = jax.vmap(
         update, in_axes=(0, 0, 0, 0, 0, 0, 0, None)
     )(
@@ -151,6 +162,8 @@ def make_train_step(config: ml_collections.ConfigDict):
         'lr': lr,
         'l1_coeff': l1,
     }
+    if data_axis is not None:
+      metrics = jax.lax.pmean(metrics, data_axis)
     state = state.replace(
         step=state.step + 1,
         params=params,
@@ -279,42 +292,150 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
           + '\nUse a new --workdir, or pass the stored config to resume it.'
       )
   os.makedirs(workdir, exist_ok=True)
-  logs.atomic_write_text(path, config_lib.to_json(config))
+  if jax.process_index() == 0:
+    logs.atomic_write_text(path, config_lib.to_json(config))
+
+
+class _Placement:
+  """Where state and batches live: a device mesh under jit (the default), or
+  replicas under jax.pmap (config.mesh.strategy == 'pmap')."""
+
+  def __init__(self, config: ml_collections.ConfigDict, abstract: TrainState):
+    self.config = config
+    self.pmap = config.mesh.strategy == 'pmap'
+    if self.pmap:
+      self.devices = jax.local_devices()
+      n = len(self.devices)
+      if config.train.batch_size % n:
+        raise ValueError(
+            f'config.train.batch_size: {config.train.batch_size} does not split '
+            f'over {n} local devices (mesh.strategy=pmap)'
+        )
+      self.batch_sharding = None
+      return
+    self.mesh = parallel.make_mesh(config)
+    self.state_sharding = parallel.state_shardings(abstract, self.mesh, config)
+    self.batch_sharding = parallel.batch_sharding(self.mesh, config)
+    size = jax.device_count()
+    self.latent_sharding = (
+        parallel.latent_sharding(self.mesh, config) if size > 1 else None
+    )
+    self.replicated = jax.sharding.NamedSharding(
+        self.mesh, jax.sharding.PartitionSpec()
+    )
+
+  def abstract(self, abstract: TrainState) -> TrainState:
+    """The restore target: shapes with their shardings."""
+    if self.pmap:
+      return abstract
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract,
+        self.state_sharding,
+    )
+
+  def init(self, make) -> TrainState:
+    """Runs `make()` -> state, creating it sharded (never whole on one device)."""
+    if self.pmap:
+      return self.place(make())
+    return jax.jit(make, out_shardings=self.state_sharding)()
+
+  def place(self, state: TrainState) -> TrainState:
+    """A restored or fresh single-copy state, put where training needs it."""
+    if self.pmap:
+      n = len(self.devices)  # one copy per device; pmap spreads the leading axis
+      return jax.tree.map(lambda v: jnp.broadcast_to(v, (n,) + v.shape), state)
+    return state
+
+  def host_state(self, state: TrainState) -> TrainState:
+    """The state as checkpoints hold it (one copy)."""
+    return jax.tree.map(lambda v: v[0], state) if self.pmap else state
+
+  def batch(self, x) -> jax.Array:
+    if self.pmap:
+      n = len(self.devices)
+      return jnp.reshape(x, (n, x.shape[0] // n) + x.shape[1:])
+    if isinstance(x, jax.Array) and x.sharding == self.batch_sharding:
+      return x
+    return parallel.to_global(x, self.batch_sharding)
+
+  def compile(self, train_step_fn, resample_fn):
+    if self.pmap:
+      step = jax.pmap(train_step_fn, axis_name='data', donate_argnums=0)
+      resample = jax.pmap(
+          resample_fn, axis_name='data', in_axes=(0, None), donate_argnums=0
+      )
+      unstack = lambda x: jnp.reshape(x, (-1,) + x.shape[2:])
+      return step, lambda state, x: resample(state, unstack(x))
+    step = jax.jit(
+        train_step_fn,
+        in_shardings=(self.state_sharding, self.batch_sharding),
+        out_shardings=(self.state_sharding, self.replicated),
+        donate_argnums=0,
+    )
+    resample = jax.jit(
+        resample_fn,
+        in_shardings=(self.state_sharding, self.batch_sharding),
+        out_shardings=(self.state_sharding, self.replicated),
+        donate_argnums=0,
+    )
+    return step, resample
+
+  def metrics(self, metrics):
+    return jax.tree.map(lambda m: m[0], metrics) if self.pmap else metrics
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains (or resumes) the run in `workdir` to config.train.num_steps."""
+  """Trains (or resumes) the run in `workdir` to config.train.num_steps.
+
+  Returns the final state (with pmap, one copy of it).
+  """
   config_lib.validate(config)
   _check_workdir(config, workdir)
   spec = models.SAESpec.from_config(config.sae)
-  source = make_source(config)
-  manager = checkpoints.Manager(workdir, config)
-
   hparams = hparams_from_config(config)
   seeds = seeds_from_config(config)
   abstract = jax.eval_shape(lambda: init_state(config, hparams, seeds, 1.0))
-  restored = manager.restore_latest(abstract)
+  place = _Placement(config, abstract)
+  source = make_source(config, place.batch_sharding)
+  manager = checkpoints.Manager(workdir, config)
+
+  restored = manager.restore_latest(place.abstract(abstract))
   if restored is not None:
     state, meta = restored
+    state = place.place(state)
     source.set_state(meta['data_state'])
-    logging.info('Resumed %s at step %d.', workdir, int(state.step))
+    logging.info('Resumed %s at step %d.', workdir, int(meta.get('step', 0)))
   else:
     scale = 1.0
     if config.train.normalize_activations:
       ms = source.mean_squared_norm(config.train.norm_estimate_batches)
       scale = math.sqrt(spec.d_in / ms)
-    state = init_state(config, hparams, seeds, scale)
+    mean = None
     if config.train.b_dec_init == 'mean':
-      mean = source.mean_vector(config.train.norm_estimate_batches) * scale
-      b_dec = jnp.broadcast_to(
-          jnp.asarray(mean, jnp.float32), state.params['b_dec'].shape
-      )
-      state = state.replace(params={**state.params, 'b_dec': b_dec})
+      mean = np.asarray(source.mean_vector(config.train.norm_estimate_batches)) * scale
 
-  train_step = jax.jit(make_train_step(config), donate_argnums=0)
-  resample = jax.jit(make_resample(config), donate_argnums=0)
+    def make():
+      state = init_state(config, hparams, seeds, scale)
+      if mean is not None:
+        b_dec = jnp.broadcast_to(
+            jnp.asarray(mean, jnp.float32), state.params['b_dec'].shape
+        )
+        state = state.replace(params={**state.params, 'b_dec': b_dec})
+      return state
+
+    state = place.init(make)
+
+  train_step, resample = place.compile(
+      make_train_step(
+          config,
+          data_axis='data' if place.pmap else None,
+          latent_sharding=None if place.pmap else place.latent_sharding,
+      ),
+      make_resample(config),
+  )
   num_steps = int(config.train.num_steps)
-  start = int(state.step)
+  start = int(place.host_state(state).step)
   writer = logs.MetricWriter(workdir, config, active=jax.process_index() == 0)
   progress = logs.Progress(num_steps, config.train.batch_size, start)
   log_every = logs.Every(config.log.every_steps, num_steps)
@@ -322,7 +443,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   resample_every = logs.Every(config.resample.every_steps)
   try:
     for step in range(start + 1, num_steps + 1):
-      x = source.next_batch()
+      x = place.batch(source.next_batch())
       state, metrics = train_step(state, x)
       if (
           config.resample.enabled
@@ -330,19 +451,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           and step <= config.resample.stop_after_step
       ):
         state, n_dead = resample(state, x)
-        writer.write(step, {'resampled': n_dead})
+        writer.write(step, {'resampled': place.metrics(n_dead)})
       if log_every(step):
-        metrics = jax.device_get(metrics)
+        metrics = jax.device_get(place.metrics(metrics))
         logs.check_finite(step, metrics)
         writer.write(step, metrics)
         progress.update(step, metrics)
       if save_every(step):
-        manager.save(step, state, {'data_state': source.get_state()})
+        manager.save(step, place.host_state(state), {'data_state': source.get_state()})
   finally:
     manager.close()
     writer.close()
     source.close()
-  return state
+  return place.host_state(state)
 
 
 def summary(state: TrainState) -> dict:

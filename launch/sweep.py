@@ -13,7 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gsae_jax import sweep
+from gsae_jax import parallel, sweep
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (path[:arg]).', lock_config=True
@@ -25,6 +25,12 @@ _DRY_RUN = flags.DEFINE_bool(
 _GROUP = flags.DEFINE_multi_string('group', [], 'Train only these groups.')
 _CLUSTER = flags.DEFINE_enum(
     'cluster', None, ['slurm', 'tpu'], 'Print per-job commands and exit.'
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed',
+    False,
+    'Join a JAX cluster detected from the environment (Cloud TPU, Slurm); '
+    'every process runs the same command.',
 )
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -44,6 +50,8 @@ def main(argv):
   if _DRY_RUN.value:
     print(sweep.describe(config, workdir))
     return
+  if _DISTRIBUTED.value:
+    parallel.initialize_distributed(None, None, None)
   rows = sweep.run(config, workdir, only=tuple(_GROUP.value))
   done = sum(r['status'] == 'done' for r in rows)
   print(f'{done}/{len(rows)} SAEs done; index: {workdir}/{sweep.INDEX_CSV}')
