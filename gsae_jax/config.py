@@ -89,6 +89,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.sae.l1_coeff = 1e-3
   c.sae.sparsity = 'l1'  # see models.SPARSITY_PENALTIES
   c.sae.loss_scale = 'mean'  # 'mean' (paper: /d_in) | 'sum'
+  # Mixed precision: matmul inputs and latents in bfloat16, params, Adam and
+  # accumulation in float32.
+  c.sae.compute_dtype = 'float32'  # 'float32' | 'bfloat16'
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 4096  # [P App. D]
@@ -209,6 +212,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       sae.loss_scale in models.LOSS_SCALES,
       'sae.loss_scale',
       f'{sae.loss_scale!r} is not one of {models.LOSS_SCALES}',
+  )
+  _require(
+      sae.compute_dtype in ('float32', 'bfloat16'),
+      'sae.compute_dtype',
+      f'{sae.compute_dtype!r} is not one of float32, bfloat16',
   )
   for field, value in (('sae.d_in', sae.d_in), ('sae.d_sae', sae.d_sae)):
     _require(isinstance(value, int) and value > 0, field, f'must be > 0, got {value}')

@@ -70,6 +70,9 @@ class SAESpec:
   d_sae: int = 512
   sparsity: str = 'l1'
   loss_scale: str = 'mean'
+  # dtype of the matmul inputs and latents in training; params, optimizer
+  # state and accumulation stay float32 ('float32' | 'bfloat16').
+  compute_dtype: str = 'float32'
 
   @property
   def unit_norm_decoder(self) -> bool:
@@ -83,6 +86,7 @@ class SAESpec:
         d_sae=int(sae_config.d_sae),
         sparsity=sae_config.sparsity,
         loss_scale=sae_config.loss_scale,
+        compute_dtype=sae_config.compute_dtype,
     )
 
 
