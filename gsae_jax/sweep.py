@@ -24,7 +24,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from gsae_jax import checkpoints, logs
+from gsae_jax import checkpoints, logs, planner
 from gsae_jax import config as config_lib
 
 # The grid axes, in the order points are enumerated (the last varies fastest).
@@ -91,33 +91,26 @@ def group_workdir(workdir: str, group: Group | str) -> str:
   return os.path.join(workdir, 'groups', name)
 
 
-def memory_estimate(config: ml_collections.ConfigDict, n_sae: int) -> dict[str, int]:
-  """Bytes a stacked run needs on one device (float32), by kind.
+def memory_estimate(
+    config: ml_collections.ConfigDict, n_sae: int, n_devices: int | None = None
+) -> planner.Plan:
+  """Bytes per device of a group's stacked run on the config's mesh."""
+  from gsae_jax import parallel  # noqa: PLC0415
 
-  params: the stack's parameters; adam: two moments; activations: the
-  [n_sae, batch, d_sae] arrays the step keeps for the backward pass (about
-  six: pre-activations, gates, magnitudes, latents and their cotangents), plus
-  the batch and the reconstructions.
-  """
-  d_in, d_sae, b = config.sae.d_in, config.sae.d_sae, config.train.batch_size
-  per_sae = 2 * d_in * d_sae + 4 * d_sae + d_in
-  params = 4 * n_sae * per_sae
-  acts = 4 * (n_sae * 6 * b * d_sae + (1 + 2 * n_sae) * b * d_in)
-  return {
-      'params': params,
-      'adam': 2 * params,
-      'gradients': params,
-      'activations': acts,
-      'total': 4 * params + acts,
-  }
+  if n_devices is None:
+    import jax  # noqa: PLC0415
 
-
-def _format_bytes(n: float) -> str:
-  for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
-    if n < 1024 or unit == 'TiB':
-      return f'{n:.1f} {unit}'
-    n /= 1024
-  raise AssertionError
+    n_devices = jax.device_count()
+  mesh = parallel.mesh_shape(config, n_devices)
+  return planner.plan(
+      config.sae.d_in,
+      config.sae.d_sae,
+      config.train.batch_size,
+      n_sae,
+      mesh,
+      config.sae.architecture,
+      2 if config.sae.compute_dtype == 'bfloat16' else 4,
+  )
 
 
 def describe(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -130,12 +123,14 @@ def describe(config: ml_collections.ConfigDict, workdir: str) -> str:
   for g in groups:
     mem = memory_estimate(g.config, g.size)
     status = 'done' if is_done(g, workdir) else 'to train'
+    fmt = planner.format_bytes
     lines.append(
         f'  {g.name}: {g.size} SAEs (indices {g.members[0]["index"]}..'
         f'{g.members[-1]["index"]}), d_in {g.config.sae.d_in}, '
-        f'{g.config.train.num_steps} steps, ~{_format_bytes(mem["total"])} '
-        f'(params {_format_bytes(mem["params"])}, activations '
-        f'{_format_bytes(mem["activations"])}) [{status}]'
+        f'{g.config.train.num_steps} steps, ~{fmt(mem.total)} per device '
+        f'(params {fmt(mem.params)}, Adam {fmt(mem.adam)}, activations '
+        f'{fmt(mem.activations)}), {mem.flops_per_step / 1e9:.1f} GFLOP/step '
+        f'[{status}]'
     )
     for m in g.members:
       varied = ', '.join(
