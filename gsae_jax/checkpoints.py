@@ -10,14 +10,17 @@ so an interrupted save never looks like a checkpoint.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from gsae_jax import config as config_lib
+from gsae_jax import logs
 
 FORMAT_VERSION = 1
 
@@ -41,6 +44,20 @@ class Manager:
     )
 
   def save(self, step: int, state: Any, extra: dict) -> None:
+    """Saves `step` (async by default); a failure names the step and says the
+    previous checkpoint is intact (Orbax renames a step into place only when
+    it is complete)."""
+    previous = self._mngr.latest_step()
+    try:
+      self._save(step, state, extra)
+    except Exception as e:
+      raise OSError(
+          f'writing checkpoint step {step} in {self._mngr.directory} failed '
+          f'({type(e).__name__}: {e}); the previous checkpoint (step {previous}) '
+          'is intact'
+      ) from e
+
+  def _save(self, step: int, state: Any, extra: dict) -> None:
     meta = {
         'format_version': FORMAT_VERSION,
         'config': self.config.to_dict(),
@@ -56,23 +73,49 @@ class Manager:
     )
 
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
-    """(state, meta) of the newest checkpoint, or None if there is none."""
-    step = self._mngr.latest_step()
-    if step is None:
-      return None
-    restored = self._mngr.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-        ),
-    )
-    meta = restored.meta
-    if meta.get('format_version') != FORMAT_VERSION:
-      raise ValueError(
-          f'checkpoint {step} in {self._mngr.directory} has format version '
-          f'{meta.get("format_version")}, this gsae_jax reads {FORMAT_VERSION}'
-      )
-    return restored.state, meta
+    """(state, meta) of the newest readable checkpoint, or None if there is none.
+
+    Orbax renames a step's directory into place only when it is complete, so
+    a kill mid-save leaves no half checkpoint behind; a checkpoint damaged
+    afterwards (a truncated or corrupt file) fails to restore and is skipped
+    with a warning naming it, falling back to the one before. A checkpoint of
+    another format version is an error, not skipped.
+    """
+    steps = sorted(self._mngr.all_steps(), reverse=True)
+    for step in steps:
+      try:
+        restored = self._mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+      except Exception as e:  # noqa: BLE001 (any damage: fall back, loudly)
+        path = os.path.join(str(self._mngr.directory), str(step))
+        msg = f'checkpoint {path} is unreadable ({type(e).__name__}: {e}); '
+        if step == steps[-1]:
+          raise ValueError(msg + 'no older checkpoint to fall back to') from e
+        # Kept for inspection, out of the way of the step's next save.
+        aside = os.path.join(os.path.dirname(str(self._mngr.directory)), 'corrupt')
+        os.makedirs(aside, exist_ok=True)
+        os.replace(path, os.path.join(aside, f'{step}-{int(time.time())}'))
+        self._mngr.reload()
+        logging.warning(msg + 'moved to %s; falling back to the previous one', aside)
+        logs.info(f'WARNING: {msg}moved to {aside}; using an older checkpoint')
+        continue
+      meta = restored.meta
+      if meta.get('format_version') != FORMAT_VERSION:
+        raise ValueError(
+            f'checkpoint {step} in {self._mngr.directory} has format version '
+            f'{meta.get("format_version")}, this gsae_jax reads {FORMAT_VERSION}'
+        )
+      return restored.state, meta
+    return None
+
+  def reached_preemption(self, step: int) -> bool:
+    """Orbax's multi-host preemption sync point (TPU VMs): save and stop."""
+    return self._mngr.reached_preemption(step)
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()
@@ -107,27 +150,38 @@ def read(workdir: str, step: int | None = None) -> tuple[dict, dict, int]:
     available = sorted(mngr.all_steps())
     if not available:
       raise FileNotFoundError(f'no complete checkpoint in {directory}')
-    if step is None:
-      step = available[-1]
-    elif step not in available:
+    if step is not None and step not in available:
       raise FileNotFoundError(
           f'no checkpoint for step {step} in {directory}; available: {available}'
       )
-    # Whatever mesh or processes wrote it, read it whole onto this process's
-    # first device.
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-        mngr.item_metadata(step)['state'],
-    )
-    restored = mngr.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-        ),
-    )
+    candidates = [step] if step is not None else available[::-1]
+    for step in candidates:
+      try:
+        restored = _restore_whole(mngr, step)
+        break
+      except Exception as e:  # noqa: BLE001 (newest damaged: fall back, loudly)
+        path = os.path.join(directory, str(step))
+        if step == candidates[-1]:
+          raise ValueError(f'checkpoint {path} is unreadable: {e}') from e
+        logs.info(f'WARNING: checkpoint {path} is unreadable ({e}); using an older one')
   state = jax.tree.map(np.asarray, restored.state)
   return state, restored.meta, step
+
+
+def _restore_whole(mngr, step: int):
+  """Restores `step` onto this process's first device, whatever mesh or
+  processes wrote it."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      mngr.item_metadata(step)['state'],
+  )
+  return mngr.restore(
+      step,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+      ),
+  )
 
 
 def config_of(meta: dict) -> ml_collections.ConfigDict:

@@ -23,6 +23,7 @@ RESUMABLE_FIELDS = (
     'checkpoint.',
     'data.prefetch',
     'mesh.',
+    'train.on_nonfinite',
 )
 # Hyperparameters that may differ between the SAEs of one compiled program.
 STACK_FIELDS = ('l1_coeff', 'lr', 'lr_warmup_steps', 'l1_warmup_steps', 'seed')
@@ -111,6 +112,9 @@ def default_config() -> ml_collections.ConfigDict:
   # activations, whose mean carries much of their norm).
   c.train.b_dec_init = 'zeros'  # 'zeros' | 'mean'
   c.train.dead_window_tokens = 10_000_000  # a latent silent this long is dead
+  # NaN/Inf in a batch or a loss: 'stop' the run (keeping the last good
+  # checkpoint), or 'freeze' the affected SAE of a stack and go on.
+  c.train.on_nonfinite = 'stop'
 
   # Dead-latent resampling as in [P] (off by default).
   c.resample = ml_collections.ConfigDict()
@@ -232,6 +236,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       train.b_dec_init in ('zeros', 'mean'),
       'train.b_dec_init',
       f'{train.b_dec_init!r} is not one of zeros, mean',
+  )
+  _require(
+      train.on_nonfinite in ('stop', 'freeze'),
+      'train.on_nonfinite',
+      f'{train.on_nonfinite!r} is not one of stop, freeze',
   )
   _require(0 <= train.adam_b1 < 1, 'train.adam_b1', 'must be in [0, 1)')
   _require(0 <= train.adam_b2 < 1, 'train.adam_b2', 'must be in [0, 1)')

@@ -52,17 +52,6 @@ def _to_python(value: Any) -> Any:
   return value.tolist()
 
 
-def check_finite(step: int, metrics: dict) -> None:
-  """Stops the run at the first logged step whose loss is NaN or Inf."""
-  loss = np.asarray(metrics['loss'])
-  bad = np.flatnonzero(~np.isfinite(loss.reshape(-1)))
-  if bad.size:
-    raise FloatingPointError(
-        f'non-finite loss at step {step} for SAE index(es) {bad.tolist()}; '
-        'the last checkpoint before it is intact. Lower train.lr or inspect the data.'
-    )
-
-
 class MetricWriter:
   """Appends one JSON record per logged step to metrics.jsonl (and TensorBoard).
 

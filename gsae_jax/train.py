@@ -12,6 +12,8 @@ import functools
 import json
 import math
 import os
+import signal
+import threading
 from typing import Any
 
 import flax.struct
@@ -36,6 +38,22 @@ class TrainState:
   last_resample: jax.Array  # [n_sae] int32: step of the last resampling
   norm_scale: jax.Array  # [] float32: x is multiplied by this before the SAE
   rng: jax.Array  # [n_sae, 2] uint32: per-SAE keys (resampling)
+  # First step whose loss was NaN/Inf, per SAE (-1: none); with
+  # train.on_nonfinite='freeze' such an SAE stops updating from then on.
+  bad_step: jax.Array  # [n_sae] int32
+  bad_input_step: jax.Array  # [] int32: first step with a non-finite batch
+
+
+class Preempted(Exception):  # noqa: N818 (it is a stop, not an error)
+  """Training stopped on SIGTERM/SIGINT or preemption after a checkpoint."""
+
+  def __init__(self, step: int):
+    super().__init__(f'stopped at step {step} with a checkpoint; re-run to resume')
+    self.step = step
+
+
+# The exit status of a run stopped by a signal after checkpointing: "resume me".
+EXIT_RESUME = 75
 
 
 def hparams_from_config(config: ml_collections.ConfigDict) -> optim.HParams:
@@ -75,6 +93,8 @@ def init_state(
       last_resample=jnp.full((n_sae,), -(10**9), jnp.int32),
       norm_scale=jnp.asarray(norm_scale, jnp.float32),
       rng=jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys),
+      bad_step=jnp.full((n_sae,), -1, jnp.int32),
+      bad_input_step=jnp.full((), -1, jnp.int32),
   )
 
 
@@ -114,6 +134,7 @@ def make_train_step(
   schedule = optim.Schedule.from_config(config)
   adam = optim.adam(config)
   window = dead_window_steps(config)
+  freeze = config.train.on_nonfinite == 'freeze'
 
   def update(params, grads, opt_state, hp, fired, since_fired, last_resample, step):
     if spec.unit_norm_decoder:
@@ -164,11 +185,32 @@ def make_train_step(
     }
     if data_axis is not None:
       metrics = jax.lax.pmean(metrics, data_axis)
+    # Non-finite input or loss: a batch with NaN/Inf updates no SAE; an SAE
+    # whose loss is NaN/Inf on a finite batch is flagged (and, in 'freeze'
+    # mode, keeps its last finite parameters from then on).
+    x_ok = jnp.all(jnp.isfinite(x))
+    if data_axis is not None:
+      x_ok = jax.lax.pmin(x_ok.astype(jnp.int32), data_axis) > 0
+    loss_ok = jnp.isfinite(loss)  # [n_sae]
+    step1 = state.step + 1
+    bad_step = jnp.where(x_ok & ~loss_ok & (state.bad_step < 0), step1, state.bad_step)
+    keep_new = x_ok & (bad_step < 0) if freeze else jnp.broadcast_to(x_ok, loss.shape)
+    select = lambda new, old: jnp.where(
+        keep_new.reshape((-1,) + (1,) * (new.ndim - 1)), new, old
+    )
+    params = jax.tree.map(select, params, state.params)
+    opt_state = jax.tree.map(select, opt_state, state.opt_state)
+    since_fired = select(since_fired, state.steps_since_fired)
+    metrics['frozen'] = (bad_step >= 0).astype(jnp.int32)
     state = state.replace(
-        step=state.step + 1,
+        step=step1,
         params=params,
         opt_state=opt_state,
         steps_since_fired=since_fired,
+        bad_step=bad_step,
+        bad_input_step=jnp.where(
+            ~x_ok & (state.bad_input_step < 0), step1, state.bad_input_step
+        ),
     )
     return state, metrics
 
@@ -441,29 +483,95 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   log_every = logs.Every(config.log.every_steps, num_steps)
   save_every = logs.Every(config.checkpoint.every_steps, num_steps)
   resample_every = logs.Every(config.resample.every_steps)
+  faults = _FaultCheck(config, writer)
+
+  def save(step, state):
+    faults.check(place.host_state(state))  # never checkpoint a NaN state
+    manager.save(step, place.host_state(state), {'data_state': source.get_state()})
+
   try:
-    for step in range(start + 1, num_steps + 1):
-      x = place.batch(source.next_batch())
-      state, metrics = train_step(state, x)
-      if (
-          config.resample.enabled
-          and resample_every(step)
-          and step <= config.resample.stop_after_step
-      ):
-        state, n_dead = resample(state, x)
-        writer.write(step, {'resampled': place.metrics(n_dead)})
-      if log_every(step):
-        metrics = jax.device_get(place.metrics(metrics))
-        logs.check_finite(step, metrics)
-        writer.write(step, metrics)
-        progress.update(step, metrics)
-      if save_every(step):
-        manager.save(step, place.host_state(state), {'data_state': source.get_state()})
+    with _StopSignals() as stop:
+      for step in range(start + 1, num_steps + 1):
+        x = place.batch(source.next_batch())
+        state, metrics = train_step(state, x)
+        if (
+            config.resample.enabled
+            and resample_every(step)
+            and step <= config.resample.stop_after_step
+        ):
+          state, n_dead = resample(state, x)
+          writer.write(step, {'resampled': place.metrics(n_dead)})
+        if log_every(step):
+          metrics = jax.device_get(place.metrics(metrics))
+          faults.check(place.host_state(state))
+          writer.write(step, metrics)
+          progress.update(step, metrics)
+        if save_every(step):
+          save(step, state)
+        elif stop.requested or manager.reached_preemption(step):
+          save(step, state)
+        if stop.requested or manager.reached_preemption(step):
+          manager.wait()
+          logs.info(f'{stop.reason or "preemption"}: checkpointed step {step}; exiting')
+          raise Preempted(step)
   finally:
     manager.close()
     writer.close()
     source.close()
   return place.host_state(state)
+
+
+class _StopSignals:
+  """Turns SIGTERM/SIGINT into a request to checkpoint and stop after the
+  current step (a second SIGINT interrupts at once)."""
+
+  def __init__(self):
+    self.requested, self.reason, self._old = False, None, {}
+
+  def _handle(self, signum, frame):
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.requested, self.reason = True, signal.Signals(signum).name
+    logs.info(f'{self.reason}: finishing the step, then checkpointing')
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+
+class _FaultCheck:
+  """Stops on (or reports) NaN/Inf recorded in the state, naming step and SAE."""
+
+  def __init__(self, config: ml_collections.ConfigDict, writer):
+    self.freeze = config.train.on_nonfinite == 'freeze'
+    self.writer = writer
+    self.reported: set[int] = set()
+
+  def check(self, state: TrainState) -> None:
+    bad_input = int(jax.device_get(state.bad_input_step))
+    bad = np.asarray(jax.device_get(state.bad_step))
+    if bad_input >= 0 and not self.freeze:
+      raise FloatingPointError(
+          f'non-finite values (NaN/Inf) in the input batch of step {bad_input}; '
+          'no checkpoint after it was written. Check the activation cache.'
+      )
+    idx = np.flatnonzero(bad >= 0)
+    if idx.size and not self.freeze:
+      detail = ', '.join(f'SAE {i} at step {bad[i]}' for i in idx)
+      raise FloatingPointError(
+          f'non-finite loss: {detail}; the last checkpoint before it is intact. '
+          'Lower train.lr, or set train.on_nonfinite=freeze to go on without it.'
+      )
+    for i in idx:
+      if int(i) not in self.reported:
+        self.reported.add(int(i))
+        logs.info(f'WARNING: SAE {i} had a non-finite loss at step {bad[i]}; frozen')
 
 
 def summary(state: TrainState) -> dict:

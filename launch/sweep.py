@@ -13,7 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gsae_jax import parallel, sweep
+from gsae_jax import parallel, sweep, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (path[:arg]).', lock_config=True
@@ -52,7 +52,11 @@ def main(argv):
     return
   if _DISTRIBUTED.value:
     parallel.initialize_distributed(None, None, None)
-  rows = sweep.run(config, workdir, only=tuple(_GROUP.value))
+  try:
+    rows = sweep.run(config, workdir, only=tuple(_GROUP.value))
+  except train.Preempted as e:
+    print(f'{e} (the sweep index is up to date)', file=sys.stderr)
+    sys.exit(train.EXIT_RESUME)
   done = sum(r['status'] == 'done' for r in rows)
   print(f'{done}/{len(rows)} SAEs done; index: {workdir}/{sweep.INDEX_CSV}')
 

@@ -3,6 +3,8 @@ r"""Trains one run (a stack of SAEs) from a config; re-running resumes it.
 python -m launch.train --config=experiments/synthetic.py --workdir=runs/syn
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -34,7 +36,11 @@ def main(argv):
     parallel.initialize_distributed(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
     )
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train.Preempted as e:
+    print(e, file=sys.stderr)
+    sys.exit(train.EXIT_RESUME)
 
 
 if __name__ == '__main__':
