@@ -7,7 +7,18 @@ from gsae_jax.api import SAE, load
 __all__ = ['SAE', 'load']
 __version__ = '0.1.0'
 
-_LAZY_MODULES = ('lm', 'cache', 'text', 'sweep', 'train', 'models')
+_LAZY_MODULES = (
+    'lm',
+    'cache',
+    'text',
+    'sweep',
+    'train',
+    'models',
+    'evaluate',
+    'export',
+    'plots',
+    'report',
+)
 
 
 def __getattr__(name):

@@ -185,4 +185,4 @@ def _restore_whole(mngr, step: int):
 
 
 def config_of(meta: dict) -> ml_collections.ConfigDict:
-  return config_lib.from_json_dict(meta['config'])
+  return config_lib.with_defaults(meta['config'])

@@ -24,6 +24,7 @@ RESUMABLE_FIELDS = (
     'data.prefetch',
     'mesh.',
     'train.on_nonfinite',
+    'eval.',
 )
 # Hyperparameters that may differ between the SAEs of one compiled program.
 STACK_FIELDS = ('l1_coeff', 'lr', 'lr_warmup_steps', 'l1_warmup_steps', 'seed')
@@ -158,6 +159,11 @@ def default_config() -> ml_collections.ConfigDict:
       ('d_in', None),
   )
 
+  # Evaluation after training (launch.evaluate, launch.main).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_tokens = 20_000  # held-out tokens
+  c.eval.split = 'validation'
+
   c.log = ml_collections.ConfigDict()
   c.log.every_steps = 100
   c.log.tensorboard = True
@@ -289,6 +295,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       'mesh.strategy',
       f'{config.mesh.strategy!r} is not one of jit, pmap',
   )
+  _require(config.eval.num_tokens > 0, 'eval.num_tokens', 'must be > 0')
   _require(config.log.every_steps > 0, 'log.every_steps', 'must be > 0')
   _require(config.checkpoint.every_steps > 0, 'checkpoint.every_steps', 'must be > 0')
   _require(config.checkpoint.max_to_keep > 0, 'checkpoint.max_to_keep', 'must be > 0')
@@ -400,6 +407,22 @@ def from_json_dict(d: dict) -> ml_collections.ConfigDict:
     return v
 
   return ml_collections.ConfigDict(fix(d))
+
+
+def with_defaults(stored: dict) -> ml_collections.ConfigDict:
+  """A stored config (dict) over today's defaults: fields added since it was
+  written get their default values, so old checkpoints keep loading."""
+  base = default_config().to_dict()
+
+  def merge(into: dict, new: dict) -> dict:
+    for k, v in new.items():
+      if isinstance(v, dict) and isinstance(into.get(k), dict):
+        merge(into[k], v)
+      else:
+        into[k] = v
+    return into
+
+  return from_json_dict(merge(base, stored))
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:

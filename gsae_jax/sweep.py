@@ -196,6 +196,13 @@ def write_index(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   rows = index_rows(config, workdir)
   if jax.process_index() != 0:
     return rows
+  path = os.path.join(workdir, INDEX_JSON)
+  if os.path.exists(path):  # keep what launch.evaluate merged in
+    with open(path) as f:
+      previous = {r['index']: r for r in json.load(f)['rows']}
+    for row in rows:
+      old = previous.get(row['index'], {})
+      row.update({k: v for k, v in old.items() if k.startswith('eval_')})
   doc = {'config': config.to_dict(), 'rows': rows}
   logs.atomic_write_text(
       os.path.join(workdir, INDEX_JSON), json.dumps(doc, indent=1, default=_jsonable)
@@ -222,7 +229,7 @@ def read_index(workdir: str) -> dict:
     raise FileNotFoundError(f'{workdir} is not a sweep directory (no {INDEX_JSON})')
   with open(path) as f:
     doc = json.load(f)
-  doc['config'] = config_lib.from_json_dict(doc['config'])
+  doc['config'] = config_lib.with_defaults(doc['config'])
   return doc
 
 

@@ -325,7 +325,7 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   path = os.path.join(workdir, 'config.json')
   if os.path.exists(path):
     with open(path) as f:
-      stored = config_lib.from_json(f.read())
+      stored = config_lib.with_defaults(json.load(f))
     diffs = config_lib.incompatible_fields(stored, config)
     if diffs:
       raise ValueError(

@@ -5,24 +5,18 @@ import os
 import numpy as np
 import pytest
 
-from experiments import smollm2 as smollm2_exp
+from experiments import smollm2_sweep
 from gsae_jax import cache, harvest, text, train
 
 
 def mini_config(cache_dir, **harvest_overrides):
-  c = smollm2_exp.get_config('runlocal')
-  c.harvest.context_len = 16
-  c.harvest.num_tokens = 600
-  c.harvest.lm_batch_size = 4
-  c.harvest.shard_rows = 128
-  c.harvest.record_rows = 32
+  """The main job's miniature harvest, trained as one SAE."""
+  c = smollm2_sweep.get_config('test')
+  c.sweep.architecture, c.sweep.l1_coeff = (), ()
   c.data.cache_dir = str(cache_dir)
-  c.data.shuffle_buffer = 256
-  c.train.batch_size = 64
-  c.train.num_steps = 12
   c.sae.d_sae = 64
+  c.train.num_steps = 12
   c.log.every_steps = 4
-  c.log.tensorboard = False
   c.checkpoint.every_steps = 6
   c.checkpoint.async_save = False
   for k, v in harvest_overrides.items():

@@ -1,0 +1,172 @@
+"""Plots of evaluation results (PNG, matplotlib's Agg canvas, no pyplot state).
+
+  pareto.png     L0 (log x) vs loss recovered, one series per architecture with
+                 its Pareto frontier: the paper's headline figure [P §4, Fig. 1].
+                 Synthetic runs (no LM) plot 1 - FVU instead.
+  shrinkage.png  L0 vs shrinkage gamma (1 = none) [P §4, Fig. 4].
+  density.png    per SAE, a histogram of log10 latent firing frequency; dead
+                 latents (never fired) are counted in the panel title.
+
+Inputs are the result dicts of `gsae_jax.evaluate` (scalars per SAE and
+'firing_frequency' arrays).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+_COLORS = {'gated': 'tab:blue', 'baseline': 'tab:orange'}
+
+
+def pareto_frontier(x: Sequence[float], y: Sequence[float]) -> np.ndarray:
+  """Indices of the points no other point beats, sorted by x.
+
+  A point is on the frontier if no other has x <= its x and y >= its y with
+  one of them strict (lower x and higher y are better). Non-finite points are
+  ignored.
+  """
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  ok = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
+  order = ok[np.lexsort((-y[ok], x[ok]))]  # by x, then best y first
+  frontier, best = [], -math.inf
+  for i in order:
+    if y[i] > best:
+      frontier.append(i)
+      best = y[i]
+  return np.asarray(frontier, np.int64)
+
+
+def _value(result: dict, name: str) -> float:
+  v = result.get(name)
+  return math.nan if v is None else float(v)
+
+
+def _save(fig: Figure, path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  FigureCanvasAgg(fig)
+  fig.savefig(path, dpi=120, bbox_inches='tight')
+  return path
+
+
+def _by_architecture(results: Sequence[dict]) -> dict[str, list[dict]]:
+  out: dict[str, list[dict]] = {}
+  for r in results:
+    out.setdefault(r['architecture'], []).append(r)
+  return out
+
+
+def _log_x_if_positive(ax: Any, xs: list[float]) -> None:
+  xs = [x for x in xs if math.isfinite(x)]
+  if xs and min(xs) > 0:
+    ax.set_xscale('log')
+
+
+def plot_pareto(results: Sequence[dict], path: str) -> str:
+  """L0 vs loss recovered (or 1 - FVU without LM numbers), frontier per arch."""
+  use_lr = any(math.isfinite(_value(r, 'loss_recovered')) for r in results)
+  ylabel = 'loss recovered' if use_lr else '1 - FVU (variance explained)'
+
+  def y_of(r):
+    return _value(r, 'loss_recovered') if use_lr else 1.0 - _value(r, 'fvu')
+
+  fig = Figure(figsize=(6, 4.5))
+  ax = fig.add_subplot()
+  all_x = []
+  for arch, rs in sorted(_by_architecture(results).items()):
+    x = np.array([_value(r, 'l0') for r in rs])
+    y = np.array([y_of(r) for r in rs])
+    all_x += list(x)
+    color = _COLORS.get(arch)
+    ax.scatter(x, y, color=color, alpha=0.6, label=f'{arch} ({len(rs)})')
+    front = pareto_frontier(x, y)
+    if front.size:
+      ax.plot(x[front], y[front], color=color, marker='o', linewidth=1.5)
+  _log_x_if_positive(ax, all_x)
+  ax.set_xlabel('L0 (active latents per token)')
+  ax.set_ylabel(ylabel)
+  site = results[0].get('site', '') if results else ''
+  ax.set_title(f'Sparsity vs fidelity at {site} (upper left is better)')
+  ax.grid(True, which='both', alpha=0.3)
+  ax.legend()
+  return _save(fig, path)
+
+
+def plot_shrinkage(results: Sequence[dict], path: str) -> str:
+  """L0 vs shrinkage gamma = E||x_hat||^2 / E[x . x_hat] per architecture."""
+  fig = Figure(figsize=(6, 4.5))
+  ax = fig.add_subplot()
+  all_x = []
+  for arch, rs in sorted(_by_architecture(results).items()):
+    rs = sorted(rs, key=lambda r: _value(r, 'l0'))
+    x = [_value(r, 'l0') for r in rs]
+    all_x += x
+    ax.plot(
+        x,
+        [_value(r, 'shrinkage_gamma') for r in rs],
+        color=_COLORS.get(arch),
+        marker='o',
+        label=arch,
+    )
+  ax.axhline(1.0, color='grey', linestyle='--', linewidth=1)
+  _log_x_if_positive(ax, all_x)
+  ax.set_xlabel('L0 (active latents per token)')
+  ax.set_ylabel('shrinkage gamma (1 = none)')
+  ax.set_title('Relative reconstruction bias')
+  ax.grid(True, which='both', alpha=0.3)
+  ax.legend()
+  return _save(fig, path)
+
+
+def plot_density(results: Sequence[dict], path: str, columns: int = 4) -> str:
+  """One histogram of log10 firing frequency per SAE (dead latents counted)."""
+  n = len(results)
+  cols = max(1, min(columns, n))
+  rows = max(1, math.ceil(n / cols))
+  fig = Figure(figsize=(3.2 * cols, 2.6 * rows))
+  # One x range for every panel, so the SAEs compare at a glance.
+  lows = [
+      np.log10(np.min(f[f > 0]))
+      for f in (np.asarray(r['firing_frequency']) for r in results)
+      if np.any(f > 0)
+  ]
+  x_range = (math.floor(min(lows)) if lows else -6.0, 0.0)
+  for i, r in enumerate(results):
+    ax = fig.add_subplot(rows, cols, i + 1)
+    freq = np.asarray(r['firing_frequency'], np.float64)
+    alive = freq[freq > 0]
+    if alive.size:
+      ax.hist(
+          np.log10(alive),
+          bins=40,
+          range=x_range,
+          color=_COLORS.get(r['architecture'], 'grey'),
+      )
+    ax.set_xlim(*x_range)
+    ax.axvline(-1.0, color='red', linestyle=':', linewidth=1)  # dense above 10%
+    ax.set_title(
+        f'#{r["index"]} {r["architecture"]} l1={r.get("l1_coeff", math.nan):.3g}\n'
+        f'L0 {_value(r, "l0"):.1f}, dead {int((freq == 0).sum())}/{freq.size}',
+        fontsize=8,
+    )
+    ax.set_xlabel('log10 firing frequency', fontsize=8)
+    ax.tick_params(labelsize=7)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def write_all(results: Sequence[dict], out_dir: str) -> list[str]:
+  """Writes pareto.png, shrinkage.png and density.png; returns their paths."""
+  if not results:
+    return []
+  return [
+      plot_pareto(results, os.path.join(out_dir, 'pareto.png')),
+      plot_shrinkage(results, os.path.join(out_dir, 'shrinkage.png')),
+      plot_density(results, os.path.join(out_dir, 'density.png')),
+  ]

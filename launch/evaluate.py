@@ -1,0 +1,57 @@
+r"""Evaluates the SAEs of a run or sweep on held-out data; writes results and plots.
+
+  python -m launch.evaluate --workdir=runs/sweep [--num_tokens=20000] [--out=...]
+
+Writes eval.json, eval.csv and eval_density.npz (one row / array per SAE),
+pareto.png (L0 vs loss recovered, per architecture), shrinkage.png,
+density.png and, for LM SAEs, latents/sae_<index>.html (top-activating
+snippets) into --out (default: --workdir). For a sweep directory the metrics
+are also merged into its index (sweep.json / sweep.csv rows get eval_* keys).
+LM SAEs are evaluated on the held-out text split (--split) of their harvest
+dataset, synthetic-source SAEs on held-out generator batches.
+"""
+
+from absl import app, flags, logging
+
+from gsae_jax import evaluate
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A run or sweep directory.')
+_NUM_TOKENS = flags.DEFINE_integer('num_tokens', 20_000, 'Tokens to evaluate on.')
+_OUT = flags.DEFINE_string('out', None, 'Where to write (default: --workdir).')
+_SPLIT = flags.DEFINE_string('split', 'validation', 'Held-out text split (LM SAEs).')
+_BATCH_SIZE = flags.DEFINE_integer(
+    'batch_size', None, 'Contexts per LM call (default: config.harvest.lm_batch_size).'
+)
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
+_MERGE_INDEX = flags.DEFINE_bool(
+    'merge_index', True, 'Merge the metrics into a sweep index (sweep.json/csv).'
+)
+_PLOTS = flags.DEFINE_bool('plots', True, 'Write the PNG plots.')
+_REPORT_LATENTS = flags.DEFINE_integer(
+    'report_latents', 24, 'Latents per SAE in the HTML report (0: no report).'
+)
+flags.mark_flags_as_required(['workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO.
+  results = evaluate.evaluate_workdir(
+      _WORKDIR.value,
+      out_dir=_OUT.value,
+      num_tokens=_NUM_TOKENS.value,
+      split=_SPLIT.value,
+      batch_size=_BATCH_SIZE.value,
+      step=_STEP.value,
+      merge_index=_MERGE_INDEX.value,
+      plots=_PLOTS.value,
+      report_latents=_REPORT_LATENTS.value,
+  )
+  print(evaluate.format_table(results))
+  print(f'results: {_OUT.value or _WORKDIR.value}/{evaluate.EVAL_CSV}')
+
+
+if __name__ == '__main__':
+  app.run(main)
