@@ -18,6 +18,7 @@ cotangent instead of a second [batch, d_in] x [d_in, d_sae] product.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -203,8 +204,9 @@ def stacked_forward(
 
   params are stacked ([N, ...] each), x [batch, d_in] is shared and l1_coeff is
   [N]. `latent_sharding` (optional) pins the [N, batch, d_sae] latents to a
-  sharding on a device mesh. Returns per-example loss terms l_rec, l_sp, l_aux [N, batch], latents f
-  [N, batch, d_sae] and reconstructions x_hat [N, batch, d_in].
+  sharding on a device mesh. Returns per-example loss terms l_rec, l_sp, l_aux
+  [N, batch], latents f [N, batch, d_sae] (in spec.compute_dtype) and
+  reconstructions x_hat [N, batch, d_in] (float32).
 
   Every SAE sees the same x, so the N encoders run as ONE wide matmul
   x @ [W_enc_1 | ... | W_enc_N] (and their weight gradients as one wide
@@ -218,52 +220,421 @@ def stacked_forward(
     - L_aux uses stop_gradient(W_dec), stop_gradient(b_dec): it reaches b_dec
       only through the encoder input;
     - L_sp reaches neither r_mag, b_mag nor W_dec in the paper form.
+
+  The gradient is written by hand (a custom VJP: `_stack_forward`,
+  `_stack_backward`) so that a step does only the must-do matmuls -- 7 of
+  batch x d_in x d_sae for a gated SAE, 5 for a baseline -- all of them with
+  inputs in spec.compute_dtype and float32 accumulation, and so that no
+  [batch, d_sae] intermediate makes a round trip to memory: the forward runs
+  on blocks of batch rows, the backward on blocks of latents, each block's
+  elementwise work done while its matmul outputs are in cache.
   """
-  sg = jax.lax.stop_gradient
+  return _stack(spec, latent_sharding, params, x, jnp.asarray(l1_coeff, jnp.float32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _stack(spec: SAESpec, latent_sharding, params: Params, x, l1_coeff) -> dict:
+  return _stack_forward(spec, latent_sharding, params, x, l1_coeff)[0]
+
+
+# Blocks hold about this many [batch, d_sae] elements (8 MiB in float32).
+_BLOCK_ELEMENTS = 1 << 21
+_BWD_BLOCK_ELEMENTS = 1 << 21
+_DBG = set()
+
+
+def _block_size(length: int, other: int, latent_sharding, elements=None) -> int:
+  """Block length along an axis of `length` for [length, other] blocks.
+
+  `length` itself means no blocks: when the whole array is small, when its
+  axis has no divisor near the target, or when it is sharded over devices.
+  """
+  target = max(1, (elements or _BLOCK_ELEMENTS) // other)
+  if latent_sharding is not None or length <= target:
+    return length
+  size = max(r for r in range(1, target + 1) if length % r == 0)
+  return size if size * 4 >= target else length
+
+
+def _bits(a: jax.Array) -> jax.Array:
+  """bfloat16 viewed as uint16, to be sliced and updated in loops.
+
+  XLA on CPU runs a bfloat16 dynamic-(update-)slice in float32, converting
+  the whole array there and back at every step of a loop.
+  """
+  if a.dtype == jnp.bfloat16:
+    return jax.lax.bitcast_convert_type(a, jnp.uint16)
+  return a
+
+
+def _from_bits(a: jax.Array, dtype) -> jax.Array:
+  return a if a.dtype == dtype else jax.lax.bitcast_convert_type(a, dtype)
+
+
+def _dot(a, b, contract, batch=((), ()), dtype=jnp.float32) -> jax.Array:
+  """dot_general of a and b cast to `dtype`, accumulated and returned in float32."""
+  return jax.lax.dot_general(
+      a.astype(dtype),
+      b.astype(dtype),
+      (contract, batch),
+      preferred_element_type=jnp.float32,
+  )
+
+
+def _bmm(a: jax.Array, b: jax.Array, dtype) -> jax.Array:
+  """[N, i, k] @ [N, k, j] -> [N, i, j] (one matmul per SAE)."""
+  return _dot(a, b, ((2,), (1,)), ((0,), (0,)), dtype)
+
+
+def _bmm_nt(a: jax.Array, b: jax.Array, dtype) -> jax.Array:
+  """[N, i, k] x [N, j, k] -> [N, i, j]: a b^T, b read as it lies in memory."""
+  return _dot(a, b, ((2,), (2,)), ((0,), (0,)), dtype)
+
+
+def _transposed(a: jax.Array, row: jax.Array, dtype) -> jax.Array:
+  """[..., B, k] -> [..., k + 1, B] in `dtype`: a^T with `row` [..., B] below.
+
+  The matmuls that contract the batch read this small operand transposed in
+  memory: XLA's CPU matmul converts a bfloat16 operand that it reads
+  transposed -- or that is a bare transpose -- to float32 first (half speed).
+  The appended row keeps the operand from being a bare transpose and rides
+  along (a ones row sums the other operand over the batch).
+  """
+  a_t = jax.lax.optimization_barrier(jnp.swapaxes(a, -1, -2).astype(dtype))
+  return jnp.concatenate([a_t, row[..., None, :].astype(dtype)], axis=-2)
+
+
+def _constrain(a: jax.Array, sharding) -> jax.Array:
+  return a if sharding is None else jax.lax.with_sharding_constraint(a, sharding)
+
+
+def _with_column(a: jax.Array, column: jax.Array) -> jax.Array:
+  """[..., k] -> [..., k + 1]: `a` with `column` [...] appended."""
+  return jnp.concatenate([a, column[..., None].astype(a.dtype)], axis=-1)
+
+
+def _sparsity_weights(spec: SAESpec, w_dec: jax.Array) -> jax.Array:
+  """Per-latent weights [N, S] of the sparsity penalty: 1, or ||W_dec,i||."""
+  if spec.sparsity == 'l1':
+    return jnp.ones(w_dec.shape[:2], jnp.float32)
+  return jnp.linalg.norm(w_dec, axis=-1)
+
+
+def _row_blocks(fn, x: jax.Array, rows: int) -> list[jax.Array]:
+  """fn(x_block [rows, d_in]) -> [N, rows, k] arrays, over the batch.
+
+  Returns the [N, batch, k] results, bfloat16 ones as uint16 (`_bits`).
+  """
+  batch = x.shape[0]
+  if rows == batch:
+    return [_bits(a) for a in fn(x)]
+  likes = jax.eval_shape(fn, x[:rows])
+
+  def body(i, outs):
+    block = fn(jax.lax.dynamic_slice_in_dim(x, i * rows, rows, 0))
+    return [
+        jax.lax.dynamic_update_slice_in_dim(o, _bits(b), i * rows, 1)
+        for o, b in zip(outs, block, strict=True)
+    ]
+
+  init = [_bits(jnp.zeros((a.shape[0], batch) + a.shape[2:], a.dtype)) for a in likes]
+  return jax.lax.fori_loop(0, batch // rows, body, init)
+
+
+def _stack_forward(spec: SAESpec, latent_sharding, params: Params, x, l1_coeff):
+  """stacked_forward's outputs, and the residuals its backward pass needs.
+
+  Blocks of batch rows: each block's pre-activations become latents, and the
+  latents are decoded, while in cache. The penalty sum_i acts_i weights_i
+  rides along with a decoder matmul as one more decoder column.
+  """
+  cd = jnp.dtype(spec.compute_dtype)
+  x = jnp.asarray(x)
   w_enc, w_dec, b_dec = params['W_enc'], params['W_dec'], params['b_dec']
   n, d_in, d_sae = w_enc.shape
   batch = x.shape[0]
-  wide = jnp.transpose(w_enc, (1, 0, 2)).reshape(d_in, n * d_sae)
-  pre = jnp.transpose((x @ wide).reshape(batch, n, d_sae), (1, 0, 2))
-  # (x - b_dec) W_enc, with b_dec's gradient a mat-vec, not a second matmul.
-  pre = pre - jnp.einsum('ni,nis->ns', b_dec, w_enc)[:, None, :]  # [N, B, S]
-  if latent_sharding is not None:  # keep the latents sharded as the weights
-    pre = jax.lax.with_sharding_constraint(pre, latent_sharding)
+  gated = spec.architecture == 'gated'
+  # [d_in, N*S]: the stack's encoders side by side, one wide matmul.
+  wide = jnp.transpose(w_enc, (1, 0, 2)).reshape(d_in, n * d_sae).astype(cd)
+  # (x - b_dec) W_enc, with b_dec's term a mat-vec, not a second matmul.
+  enc_bias = jnp.einsum('ni,nis->ns', b_dec, w_enc)[:, None, :]  # [N, 1, S]
+  weights = _sparsity_weights(spec, w_dec)  # [N, S]
+  w_ext = _with_column(w_dec, weights).astype(cd)  # [N, S, d_in + 1]
+  w_dec_cd = w_dec.astype(cd)
   col = lambda name: params[name][:, None, :]  # [N, 1, S]
 
-  if spec.architecture == 'gated':
-    pi_gate = pre + col('b_gate')
-    pi_mag = jnp.exp(col('r_mag')) * pre + col('b_mag')
-    f = jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0)
-    sparse_acts = jax.nn.relu(pi_gate)
-  else:
-    f = jax.nn.relu(pre + col('b_enc'))
-    sparse_acts = f
-  x_hat = jnp.einsum('nbs,nsd->nbd', f, w_dec) + b_dec[:, None, :]
+  def block(xb):  # [rows, d_in] -> latents [N, rows, S], decoder outputs
+    rows = xb.shape[0]
+    pre = _dot(xb, wide, ((1,), (0,)), dtype=cd).reshape(rows, n, d_sae)
+    pre = _constrain(jnp.transpose(pre, (1, 0, 2)) - enc_bias, latent_sharding)
+    if gated:
+      pi_gate = pre + col('b_gate')
+      pi_mag = jnp.exp(col('r_mag')) * pre + col('b_mag')
+      f = jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0).astype(cd)
+      acts = jax.nn.relu(pi_gate).astype(cd)  # what L_sp and L_aux see
+      f, acts = _constrain(f, latent_sharding), _constrain(acts, latent_sharding)
+      return [f, acts, _bmm(f, w_dec_cd, cd), _bmm(acts, w_ext, cd)]
+    f = _constrain(jax.nn.relu(pre + col('b_enc')).astype(cd), latent_sharding)
+    return [f, _bmm(f, w_ext, cd)]
 
-  if spec.sparsity == 'l1':
-    sparse_sum = jnp.sum(sparse_acts, axis=-1)  # [N, B]
+  rows = _block_size(batch, n * d_sae, latent_sharding)
+  if gated:
+    f_bits, acts_bits, x_hat, y = _row_blocks(block, x, rows)  # y [N, B, d_in + 1]
+    x_aux = y[..., :d_in] + b_dec[:, None, :]
   else:
-    norms = jnp.linalg.norm(w_dec, axis=-1)  # [N, S]
-    if spec.sparsity == 'decoder_norm_frozen':
-      norms = sg(norms)
-    sparse_sum = jnp.einsum('nbs,ns->nb', sparse_acts, norms)
+    f_bits, y = _row_blocks(block, x, rows)
+    acts_bits, x_hat, x_aux = f_bits, y[..., :d_in], None
+  x_hat = x_hat + b_dec[:, None, :]
+  sparse_sum = y[..., d_in]  # [N, B]
+  l1 = jnp.asarray(l1_coeff, jnp.float32)
   out = {
-      'f': f,
+      'f': _from_bits(f_bits, cd),
       'x_hat': x_hat,
       'l_rec': _squared_error(spec, x, x_hat),
-      'l_sp': jnp.asarray(l1_coeff)[:, None] * sparse_sum,
+      'l_sp': l1[:, None] * sparse_sum,
+      'l_aux': _squared_error(spec, x, x_aux) if gated else jnp.zeros((n, batch)),
   }
-  if spec.architecture == 'gated':
-    if spec.sparsity == 'decoder_norm':
-      w_aux, b_aux = w_dec, b_dec
-    else:
-      w_aux, b_aux = sg(w_dec), sg(b_dec)
-    x_aux = jnp.einsum('nbs,nsd->nbd', sparse_acts, w_aux) + b_aux[:, None, :]
-    out['l_aux'] = _squared_error(spec, x, x_aux)
+  residuals = (
+      params,
+      x,
+      l1,
+      f_bits,
+      acts_bits,
+      x_hat,
+      x_aux,
+      sparse_sum,
+      weights,
+      w_ext,
+  )
+  return out, residuals
+
+
+def _stack_fwd(spec: SAESpec, latent_sharding, params, x, l1_coeff):
+  values = jax.custom_derivatives.custom_vjp_primal_tree_values
+  return _stack_forward(
+      spec, latent_sharding, values(params), values(x), values(l1_coeff)
+  )
+
+
+def _stack_backward(spec: SAESpec, latent_sharding, residuals, ct: dict):
+  """Gradients of stacked_forward: the must-do products only, in compute_dtype.
+
+  Blocks of latents (columns of the [batch, d_sae] arrays): for each, the
+  decoder-input products d_f = d_x_hat W_dec^T and d_acts = d_x_aux W_dec^T
+  (the penalty's gradient riding along as one more input column), the
+  elementwise pass (masks, bias sums) and then that block's columns of the
+  encoder-weight product x^T d_pre and of the decoder-weight product
+  d_x_hat^T f -- complete for the block, so nothing [batch, d_sae] is ever
+  written out. b_dec's encoder-side gradient is a mat-vec on the batch-summed
+  cotangent; r_mag's comes from the decoder-weight product:
+  sum_b d_mag f = sum_b d_f f = rowsum(W_dec * f^T d_x_hat).
+  """
+  params, x, l1, f_bits, acts_bits, x_hat, x_aux, sparse_sum, weights, w_ext = residuals
+  symbolic_zero = jax.custom_derivatives.SymbolicZero
+  ct = {k: (None if isinstance(v, symbolic_zero) else v) for k, v in ct.items()}
+  cd = jnp.dtype(spec.compute_dtype)
+  w_enc, w_dec, b_dec = params['W_enc'], params['W_dec'], params['b_dec']
+  n, d_in, d_sae = w_enc.shape
+  batch = x.shape[0]
+  gated = spec.architecture == 'gated'
+  learn_weights = spec.sparsity == 'decoder_norm'
+  aux_learns_decoder = gated and learn_weights
+  k = 2.0 / d_in if spec.loss_scale == 'mean' else 2.0
+  per_example = lambda name: (  # [N, B]
+      jnp.zeros((n, batch)) if ct[name] is None else ct[name]
+  )
+  d_rec = k * per_example('l_rec')[:, :, None] * (x_hat - x)  # [N, B, d_in]
+  d_xhat = d_rec if ct['x_hat'] is None else d_rec + ct['x_hat']
+  lam = l1[:, None] * per_example('l_sp')  # [N, B]: d loss / d sparse_sum
+  ones = jnp.ones((n, batch), jnp.float32)
+  x_t = _transposed(x, ones[0], cd)  # [d_in + 1, B]
+
+  # Per-SAE inputs of a block (stack axis first), and where its latent axis is.
+  latent_axis = {}
+
+  def add(name, value, axis=None):
+    inputs[name] = value
+    latent_axis[name] = axis
+
+  inputs = {}
+  add('f', f_bits, 2)
+  add('w_dec', w_dec.astype(cd), 1)
+  add('w_ext', w_ext, 1)
+  add('w_enc', w_enc, 2)
+  if gated:
+    d_aux = k * per_example('l_aux')[:, :, None] * (x_aux - x)
+    add('acts', acts_bits, 2)
+    add('d_xhat', d_xhat)
+    add('d_aux', _with_column(d_aux, lam))  # [N, B, d_in + 1]
+    add('d_xhat_t', _transposed(d_xhat, ones, cd))  # [N, d_in + 1, B]
+    if aux_learns_decoder:
+      add('d_aux_t', _transposed(d_aux, lam, cd))
+    add('exp_r_mag', jnp.exp(params['r_mag']), 1)
   else:
-    out['l_aux'] = jnp.zeros_like(out['l_rec'])
-  return out
+    d_aux = None
+    add('d_xhat', _with_column(d_xhat, lam))
+    add('d_xhat_t', _transposed(d_xhat, lam if learn_weights else ones, cd))
+  if ct['f'] is not None:
+    add('ct_f', _bits(ct['f']), 2)
+
+  def block(b: dict) -> dict:
+    """One block of latents: b's arrays are [N', ...] with `cs` latents."""
+    f = _from_bits(b['f'], cd)  # [N', B, cs]
+    if gated:
+      if 'merge' in _DBG:
+        both = jnp.concatenate([_with_column(b['d_xhat'], jnp.zeros(b['d_xhat'].shape[:2])), b['d_aux']], axis=1)
+        dd = _bmm_nt(both, b['w_ext'], cd)
+        d_f, d_acts = dd[:, :batch], dd[:, batch:]
+      elif 'bf16out' in _DBG:
+        d_f = jax.lax.dot_general(b['d_xhat'].astype(cd), b['w_dec'], (((2,), (2,)), ((0,), (0,))), preferred_element_type=cd)
+        d_acts = jax.lax.dot_general(b['d_aux'].astype(cd), b['w_ext'], (((2,), (2,)), ((0,), (0,))), preferred_element_type=cd)
+      else:
+        d_f = _bmm_nt(b['d_xhat'], b['w_dec'], cd)  # [N', B, cs]
+        d_acts = _bmm_nt(b['d_aux'], b['w_ext'], cd)
+    else:
+      d_f = _bmm_nt(b['d_xhat'], b['w_ext'], cd)
+    ct_f = _from_bits(b['ct_f'], cd) if 'ct_f' in b else None
+    if ct_f is not None:
+      d_f = d_f + ct_f
+    d_f = _constrain(d_f, latent_sharding)
+    out = {}
+    if gated:
+      acts = _from_bits(b['acts'], cd)
+      d_mag = jnp.where(f > 0, d_f, 0.0)  # through the magnitude path only
+      d_gate = jnp.where(acts > 0, _constrain(d_acts, latent_sharding), 0.0)
+      d_pre = b['exp_r_mag'][:, None, :] * d_mag + d_gate
+      out['b_mag'] = jnp.sum(d_mag, 1)
+      if 'ride' not in _DBG:
+        out['b_gate'] = jnp.sum(d_gate, 1)
+      if ct_f is not None:
+        out['ct_f'] = jnp.sum(jnp.where(f > 0, ct_f * f, 0.0), 1)
+      if aux_learns_decoder:
+        out['g_aux'] = _bmm(b['d_aux_t'], acts, cd)  # [N', d_in + 1, cs]
+    else:
+      d_pre = jnp.where(f > 0, d_f, 0.0)
+      out['b_enc'] = jnp.sum(d_pre, 1)
+    if 'no_elem' in _DBG:
+      d_pre = d_f + d_acts if gated else d_f
+      out = {k: jnp.zeros_like(v) for k, v in out.items()}
+    d_pre = _constrain(d_pre.astype(cd), latent_sharding)
+    # x^T d_pre for the block's columns of every SAE in it: [d_in + 1, N', cs].
+    if 'no_wgrad' in _DBG:
+      out['g_enc'] = jnp.zeros((d_in + 1,) + d_pre.shape[::2]) + jnp.sum(d_pre[:, :1, :1])
+      out['g_dec'] = jnp.zeros((d_pre.shape[0], d_in + 1, d_pre.shape[2])) + jnp.sum(f[:, :1, :1])
+    else:
+      out['g_enc'] = _dot(x_t, d_pre, ((1,), (1,)), dtype=cd)
+      out['g_dec'] = _bmm(b['d_xhat_t'], f, cd)  # [N', d_in + 1, cs]
+    # x is data in training; XLA drops this when nothing asks for it.
+    out['d_x'] = jnp.einsum('nbs,nis->bi', d_pre, b['w_enc'].astype(cd))
+    return out
+
+  stack_axis = {'g_enc': 1, 'd_x': None}  # the rest: 0
+  cs = _block_size(d_sae, batch, latent_sharding, _BWD_BLOCK_ELEMENTS)
+  if cs == d_sae and (n == 1 or latent_sharding is not None):
+    out = block(
+        {
+            k: _from_bits(v, cd) if k in ('f', 'acts', 'ct_f') else v
+            for k, v in inputs.items()
+        }
+    )
+  else:
+    out = _latent_blocks(block, inputs, latent_axis, stack_axis, n, d_sae, cs)
+
+  grads = {}
+  if gated:
+    if 'ride' in _DBG:
+      d_pre_sum = jnp.transpose(out['g_enc'][d_in], (0, 1))
+      grads['b_mag'], grads['b_gate'] = out['b_mag'], d_pre_sum - jnp.exp(params['r_mag']) * out['b_mag']
+    else:
+      grads['b_mag'], grads['b_gate'] = out['b_mag'], out['b_gate']
+      d_pre_sum = jnp.exp(params['r_mag']) * out['b_mag'] + out['b_gate']  # [N, S]
+  else:
+    grads['b_enc'] = d_pre_sum = out['b_enc']
+  # Encoder weight: x^T d_pre, and the -b_dec term as an outer product with
+  # the batch-summed cotangent.
+  grads['W_enc'] = (
+      jnp.transpose(out['g_enc'][:d_in], (1, 0, 2))
+      - b_dec[:, :, None] * d_pre_sum[:, None, :]
+  )
+  # Decoder weight: (d_x_hat^T f)^T, the penalty's part riding along when the
+  # decoder learns from it (and L_aux's part when it learns from L_aux).
+  g_dec = jnp.swapaxes(out['g_dec'][:, :d_in], 1, 2)  # [N, S, d_in]
+  if gated:
+    # d pi_mag / d r_mag = exp(r_mag) pre = pi_mag - b_mag = f where d_mag != 0.
+    mag_f = jnp.sum(w_dec * g_dec, axis=-1)  # = sum_b d_mag f (when ct_f = 0)
+    if ct['f'] is not None:
+      mag_f = mag_f + out['ct_f']
+    grads['r_mag'] = mag_f - params['b_mag'] * out['b_mag']
+  if aux_learns_decoder:
+    g_dec = g_dec + jnp.swapaxes(out['g_aux'][:, :d_in], 1, 2)
+    d_weights = out['g_aux'][:, d_in]
+  elif learn_weights:
+    d_weights = out['g_dec'][:, d_in]
+  grads['W_dec'] = g_dec
+  if learn_weights:  # d||w|| / dw = w / ||w||
+    grads['W_dec'] = g_dec + (d_weights / weights)[:, :, None] * w_dec
+  d_b_dec = jnp.sum(d_xhat, axis=1) - jnp.einsum('ns,nis->ni', d_pre_sum, w_enc)
+  if aux_learns_decoder:
+    d_b_dec = d_b_dec + jnp.sum(d_aux, axis=1)
+  grads['b_dec'] = d_b_dec
+
+  d_direct = d_rec if d_aux is None else d_rec + d_aux
+  d_x = out['d_x'] - jnp.sum(d_direct, axis=0)
+  d_l1 = jnp.sum(per_example('l_sp') * sparse_sum, axis=1)
+  return grads, d_x.astype(x.dtype), d_l1
+
+
+def _latent_blocks(block, inputs, latent_axis, stack_axis, n, d_sae, cs) -> dict:
+  """block() over blocks of `cs` latents of one SAE each, in a loop.
+
+  Inputs are sliced to SAE i and (where latent_axis names an axis) to the
+  block's latents; block outputs with a stack axis (stack_axis, default 0)
+  have the latents last and are written into full [..., N, ..., S] arrays;
+  those without one are summed.
+  """
+  per_sae = d_sae // cs
+
+  def sliced(name, a, sae, start):
+    starts = [0] * a.ndim
+    sizes = list(a.shape)
+    starts[0], sizes[0] = sae, 1
+    if latent_axis[name] is not None:
+      starts[latent_axis[name]], sizes[latent_axis[name]] = start, cs
+    return jax.lax.dynamic_slice(a, starts, sizes)
+
+  def blocks(i):
+    sae, start = i // per_sae, (i % per_sae) * cs
+    return sae, start, {k: sliced(k, v, sae, start) for k, v in inputs.items()}
+
+  likes = jax.eval_shape(lambda: block(blocks(0)[2]))
+
+  def full_shape(name, like):
+    axis = stack_axis.get(name, 0)
+    if axis is None:
+      return like.shape
+    shape = list(like.shape)
+    shape[axis], shape[-1] = n, d_sae
+    return tuple(shape)
+
+  def body(i, acc):
+    sae, start, b = blocks(i)
+    out = block(b)
+    new = {}
+    for name, value in out.items():
+      axis = stack_axis.get(name, 0)
+      if axis is None:
+        new[name] = acc[name] + value
+      else:
+        starts = [0] * value.ndim
+        starts[axis], starts[-1] = sae, start
+        new[name] = jax.lax.dynamic_update_slice(acc[name], value, starts)
+    return new
+
+  init = {k: jnp.zeros(full_shape(k, v), v.dtype) for k, v in likes.items()}
+  return jax.lax.fori_loop(0, n * per_sae, body, init)
+
+
+_stack.defvjp(_stack_fwd, _stack_backward, symbolic_zeros=True)
 
 
 def forward(spec: SAESpec, params: Params, x: jax.Array, l1_coeff) -> dict:
