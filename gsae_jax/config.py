@@ -22,6 +22,7 @@ RESUMABLE_FIELDS = (
     'log.',
     'checkpoint.',
     'data.prefetch',
+    'data.eval_cache_dir',
     'mesh.',
     'train.on_nonfinite',
     'eval.',
@@ -49,6 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.shuffle_buffer = 1_000_000  # activations [P App. D]
   c.data.seed = 0  # shuffle order of the cache (shared by every SAE of a stack)
   c.data.prefetch = 4  # batches the reader's thread prepares ahead
+  c.data.eval_cache_dir = ''  # a held-out cache for eval.every_steps
 
   # Harvesting activations into a cache (launch.harvest -> data.cache_dir).
   c.harvest = ml_collections.ConfigDict()
@@ -163,6 +165,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.num_tokens = 20_000  # held-out tokens
   c.eval.split = 'validation'
+  # During training: L0, FVU and gamma on a fixed held-out batch every this
+  # many steps (a multiple of log.every_steps; 0 = off). Synthetic sources
+  # draw it apart from the training stream; cache sources need
+  # data.eval_cache_dir (harvest --config.harvest.split=validation).
+  c.eval.every_steps = 0
 
   c.log = ml_collections.ConfigDict()
   c.log.every_steps = 100
@@ -296,6 +303,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f'{config.mesh.strategy!r} is not one of jit, pmap',
   )
   _require(config.eval.num_tokens > 0, 'eval.num_tokens', 'must be > 0')
+  every = config.eval.every_steps
+  _require(
+      every >= 0 and every % config.log.every_steps == 0,
+      'eval.every_steps',
+      f'must be 0 or a multiple of log.every_steps ({config.log.every_steps}), '
+      f'got {every}',
+  )
+  if every and config.data.source == 'cache':
+    _require(
+        bool(config.data.eval_cache_dir),
+        'data.eval_cache_dir',
+        'required for eval.every_steps with a cache source',
+    )
   _require(config.log.every_steps > 0, 'log.every_steps', 'must be > 0')
   _require(config.checkpoint.every_steps > 0, 'checkpoint.every_steps', 'must be > 0')
   _require(config.checkpoint.max_to_keep > 0, 'checkpoint.max_to_keep', 'must be > 0')

@@ -83,6 +83,10 @@ class SyntheticSource:
     xs = self._estimate_batches(num_batches)
     return np.mean([np.asarray(jnp.mean(x, axis=0)) for x in xs], axis=0)
 
+  def heldout_batch(self) -> jax.Array:
+    """A fixed batch no training step draws (its key is outside the stream)."""
+    return self._batch(jax.random.fold_in(self._dict_key, 2))
+
   def get_state(self) -> dict:
     return {'position': self.position}
 

@@ -114,6 +114,20 @@ def batch_metrics(x: jax.Array, out: dict) -> dict:
   }
 
 
+def make_heldout_metrics(config: ml_collections.ConfigDict):
+  """(state, x) -> {'heldout_l0', 'heldout_fvu', 'heldout_shrinkage_gamma'} [n_sae]."""
+  spec = models.SAESpec.from_config(config.sae)
+
+  def heldout(state: TrainState, x: jax.Array) -> dict:
+    x = x.astype(jnp.float32) * state.norm_scale
+    zeros = jnp.zeros(state.hparams.l1_coeff.shape, jnp.float32)
+    out = models.stacked_forward(spec, state.params, x, zeros)
+    m = jax.vmap(batch_metrics, in_axes=(None, 0))(x, out)
+    return {f'heldout_{k}': v for k, v in m.items()}
+
+  return heldout
+
+
 def make_train_step(
     config: ml_collections.ConfigDict,
     data_axis: str | None = None,
@@ -271,6 +285,7 @@ class CacheSource:
 
   def __init__(self, config: ml_collections.ConfigDict, sharding=None):
     self.sharding = sharding
+    self.eval_cache_dir = config.data.eval_cache_dir
     self.reader = cache_lib.CacheReader(
         config.data.cache_dir,
         batch_size=int(config.train.batch_size),
@@ -295,6 +310,16 @@ class CacheSource:
   def mean_vector(self, num_batches: int) -> np.ndarray:
     del num_batches  # and E[x]
     return np.asarray(self.reader.cache.mean, np.float32)
+
+  def heldout_batch(self):
+    """The first batch_size rows of data.eval_cache_dir (None if unset)."""
+    if not self.eval_cache_dir:
+      return None
+    held = cache_lib.Cache(self.eval_cache_dir, d_in=self.reader.d_in)
+    rows = min(self.reader.batch_size, held.num_rows)
+    x = held.read_range(0, rows).astype(np.float32)
+    held.close()
+    return x
 
   def get_state(self) -> dict:
     return self.reader.get_state()
@@ -484,6 +509,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   save_every = logs.Every(config.checkpoint.every_steps, num_steps)
   resample_every = logs.Every(config.resample.every_steps)
   faults = _FaultCheck(config, writer)
+  eval_every = logs.Every(config.eval.every_steps)
+  heldout_x = source.heldout_batch() if config.eval.every_steps else None
+  heldout = jax.jit(make_heldout_metrics(config)) if heldout_x is not None else None
 
   def save(step, state):
     faults.check(place.host_state(state))  # never checkpoint a NaN state
@@ -504,6 +532,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         if log_every(step):
           metrics = jax.device_get(place.metrics(metrics))
           faults.check(place.host_state(state))
+          if heldout is not None and eval_every(step):
+            metrics.update(jax.device_get(heldout(place.host_state(state), heldout_x)))
           writer.write(step, metrics)
           progress.update(step, metrics)
         if save_every(step):

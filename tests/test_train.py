@@ -216,3 +216,20 @@ def test_config_round_trips_through_json():
   back = config_lib.from_json(config_lib.to_json(c))
   assert config_lib.incompatible_fields(c, back) == []
   assert json.loads(config_lib.to_json(back)) == json.loads(config_lib.to_json(c))
+
+
+def test_heldout_metrics_during_training(tmp_path):
+  c = tiny_config(eval__every_steps=10)
+  state = train.train_and_evaluate(c, str(tmp_path / 'run'))
+  records = {r['step']: r for r in train.load_metrics(str(tmp_path / 'run'))}
+  assert 'heldout_fvu' in records[10] and 'heldout_fvu' not in records[5]
+  source = train.make_source(c)
+  x = np.asarray(source.heldout_batch()) * float(state.norm_scale)
+  spec = models.SAESpec.from_config(c.sae)
+  out = models.forward(spec, train.host_params(state), x, 0.0)
+  err = np.sum((x - np.asarray(out['x_hat'], np.float64)) ** 2)
+  fvu = err / np.sum((x - x.mean(0)) ** 2)
+  np.testing.assert_allclose(records[20]['heldout_fvu'], [fvu], rtol=1e-4)
+  c = tiny_config(eval__every_steps=7)
+  with pytest.raises(ValueError, match=r'config\.eval\.every_steps'):
+    train.train_and_evaluate(c, str(tmp_path / 'bad'))
