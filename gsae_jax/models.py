@@ -239,17 +239,15 @@ def _stack(spec: SAESpec, latent_sharding, params: Params, x, l1_coeff) -> dict:
 
 # Blocks hold about this many [batch, d_sae] elements (8 MiB in float32).
 _BLOCK_ELEMENTS = 1 << 21
-_BWD_BLOCK_ELEMENTS = 1 << 21
-_DBG = set()
 
 
-def _block_size(length: int, other: int, latent_sharding, elements=None) -> int:
+def _block_size(length: int, other: int, latent_sharding) -> int:
   """Block length along an axis of `length` for [length, other] blocks.
 
   `length` itself means no blocks: when the whole array is small, when its
   axis has no divisor near the target, or when it is sharded over devices.
   """
-  target = max(1, (elements or _BLOCK_ELEMENTS) // other)
+  target = max(1, _BLOCK_ELEMENTS // other)
   if latent_sharding is not None or length <= target:
     return length
   size = max(r for r in range(1, target + 1) if length % r == 0)
@@ -320,33 +318,79 @@ def _sparsity_weights(spec: SAESpec, w_dec: jax.Array) -> jax.Array:
   return jnp.linalg.norm(w_dec, axis=-1)
 
 
-def _row_blocks(fn, x: jax.Array, rows: int) -> list[jax.Array]:
-  """fn(x_block [rows, d_in]) -> [N, rows, k] arrays, over the batch.
+def _whole(n: int, batch: int, d_sae: int, latent_sharding) -> bool:
+  """Whether the stack runs as one block: small, or sharded over devices."""
+  return latent_sharding is not None or n * batch * d_sae <= 4 * _BLOCK_ELEMENTS
 
-  Returns the [N, batch, k] results, bfloat16 ones as uint16 (`_bits`).
+
+def _sae_blocks(block, inputs: dict, in_axes: dict, out_axes: dict, n, length, size):
+  """block() in a loop over blocks of `size` along an axis of `length`, of one
+  SAE at a time.
+
+  in_axes[name] = (stack axis or None, blocked axis or None): each input is
+  sliced to SAE i (a stack axis of 1 stays) and to the block. block(dict)
+  returns a dict; out_axes[name] = (stack axis, blocked axis) places an entry
+  in a full array (N along the stack axis, `length` along the blocked one),
+  None sums it over blocks. Returns the full arrays, bfloat16 as uint16
+  (`_bits`).
   """
-  batch = x.shape[0]
-  if rows == batch:
-    return [_bits(a) for a in fn(x)]
-  likes = jax.eval_shape(fn, x[:rows])
+  per_sae = length // size
+  dtypes = {k: v.dtype for k, v in inputs.items()}
+  inputs = {k: _bits(v) for k, v in inputs.items()}
 
-  def body(i, outs):
-    block = fn(jax.lax.dynamic_slice_in_dim(x, i * rows, rows, 0))
-    return [
-        jax.lax.dynamic_update_slice_in_dim(o, _bits(b), i * rows, 1)
-        for o, b in zip(outs, block, strict=True)
-    ]
+  def start_of(axes, ndim, sae, start):
+    starts = [0] * ndim
+    if axes[0] is not None:
+      starts[axes[0]] = sae
+    if axes[1] is not None:
+      starts[axes[1]] = start
+    return starts
 
-  init = [_bits(jnp.zeros((a.shape[0], batch) + a.shape[2:], a.dtype)) for a in likes]
-  return jax.lax.fori_loop(0, batch // rows, body, init)
+  def blocks(i):
+    sae, start = i // per_sae, (i % per_sae) * size
+    out = {}
+    for name, a in inputs.items():
+      stack, axis = in_axes[name]
+      sizes = list(a.shape)
+      if stack is not None:
+        sizes[stack] = 1
+      if axis is not None:
+        sizes[axis] = size
+      starts = start_of(in_axes[name], a.ndim, sae, start)
+      out[name] = _from_bits(jax.lax.dynamic_slice(a, starts, sizes), dtypes[name])
+    return sae, start, out
+
+  def full(name, like):
+    if out_axes[name] is None:
+      return jnp.zeros(like.shape, like.dtype)
+    shape = list(like.shape)
+    stack, axis = out_axes[name]
+    shape[stack], shape[axis] = n, length
+    return _bits(jnp.zeros(shape, like.dtype))
+
+  def body(i, acc):
+    sae, start, b = blocks(i)
+    new = {}
+    for name, value in block(b).items():
+      if out_axes[name] is None:
+        new[name] = acc[name] + value
+      else:
+        starts = start_of(out_axes[name], value.ndim, sae, start)
+        new[name] = jax.lax.dynamic_update_slice(acc[name], _bits(value), starts)
+    return new
+
+  likes = jax.eval_shape(lambda: block(blocks(0)[2]))
+  init = {k: full(k, v) for k, v in likes.items()}
+  return jax.lax.fori_loop(0, n * per_sae, body, init)
 
 
 def _stack_forward(spec: SAESpec, latent_sharding, params: Params, x, l1_coeff):
   """stacked_forward's outputs, and the residuals its backward pass needs.
 
-  Blocks of batch rows: each block's pre-activations become latents, and the
-  latents are decoded, while in cache. The penalty sum_i acts_i weights_i
-  rides along with a decoder matmul as one more decoder column.
+  Blocks of batch rows of one SAE: each block's pre-activations become
+  latents, and the latents are decoded, while in cache. The penalty
+  sum_i acts_i weights_i rides along with a decoder matmul as one more
+  decoder column.
   """
   cd = jnp.dtype(spec.compute_dtype)
   x = jnp.asarray(x)
@@ -354,35 +398,55 @@ def _stack_forward(spec: SAESpec, latent_sharding, params: Params, x, l1_coeff):
   n, d_in, d_sae = w_enc.shape
   batch = x.shape[0]
   gated = spec.architecture == 'gated'
-  # [d_in, N*S]: the stack's encoders side by side, one wide matmul.
-  wide = jnp.transpose(w_enc, (1, 0, 2)).reshape(d_in, n * d_sae).astype(cd)
   # (x - b_dec) W_enc, with b_dec's term a mat-vec, not a second matmul.
-  enc_bias = jnp.einsum('ni,nis->ns', b_dec, w_enc)[:, None, :]  # [N, 1, S]
+  enc_bias = jnp.einsum('ni,nis->ns', b_dec, w_enc)  # [N, S]
   weights = _sparsity_weights(spec, w_dec)  # [N, S]
   w_ext = _with_column(w_dec, weights).astype(cd)  # [N, S, d_in + 1]
-  w_dec_cd = w_dec.astype(cd)
-  col = lambda name: params[name][:, None, :]  # [N, 1, S]
+  inputs = {
+      'x': x,
+      'w_enc': w_enc.astype(cd),
+      'w_dec': w_dec.astype(cd),
+      'w_ext': w_ext,
+      'enc_bias': enc_bias,
+  }
+  names = ('b_gate', 'r_mag', 'b_mag') if gated else ('b_enc',)
+  inputs.update({name: params[name] for name in names})
 
-  def block(xb):  # [rows, d_in] -> latents [N, rows, S], decoder outputs
-    rows = xb.shape[0]
-    pre = _dot(xb, wide, ((1,), (0,)), dtype=cd).reshape(rows, n, d_sae)
-    pre = _constrain(jnp.transpose(pre, (1, 0, 2)) - enc_bias, latent_sharding)
+  def block(b: dict) -> dict:  # rows of x, N' SAEs -> latents [N', rows, S]
+    rows, n_b = b['x'].shape[0], b['w_enc'].shape[0]
+    # [d_in, N'*S]: the encoders side by side, one wide matmul.
+    wide = jnp.transpose(b['w_enc'], (1, 0, 2)).reshape(d_in, n_b * d_sae)
+    pre = _dot(b['x'], wide, ((1,), (0,)), dtype=cd).reshape(rows, n_b, d_sae)
+    pre = jnp.transpose(pre, (1, 0, 2)) - b['enc_bias'][:, None, :]
+    pre = _constrain(pre, latent_sharding)
+    col = lambda name: b[name][:, None, :]  # [N', 1, S]
     if gated:
       pi_gate = pre + col('b_gate')
       pi_mag = jnp.exp(col('r_mag')) * pre + col('b_mag')
       f = jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0).astype(cd)
       acts = jax.nn.relu(pi_gate).astype(cd)  # what L_sp and L_aux see
       f, acts = _constrain(f, latent_sharding), _constrain(acts, latent_sharding)
-      return [f, acts, _bmm(f, w_dec_cd, cd), _bmm(acts, w_ext, cd)]
+      return {
+          'f': f,
+          'acts': acts,
+          'x_hat': _bmm(f, b['w_dec'], cd),
+          'y': _bmm(acts, b['w_ext'], cd),  # [N', rows, d_in + 1]
+      }
     f = _constrain(jax.nn.relu(pre + col('b_enc')).astype(cd), latent_sharding)
-    return [f, _bmm(f, w_ext, cd)]
+    return {'f': f, 'y': _bmm(f, b['w_ext'], cd)}
 
-  rows = _block_size(batch, n * d_sae, latent_sharding)
+  if _whole(n, batch, d_sae, latent_sharding):
+    out = {k: _bits(v) for k, v in block(inputs).items()}
+  else:
+    in_axes = {k: (None, 0) if k == 'x' else (0, None) for k in inputs}
+    out_axes = {k: (0, 1) for k in ('f', 'acts', 'x_hat', 'y')}
+    rows = _block_size(batch, d_sae, latent_sharding)
+    out = _sae_blocks(block, inputs, in_axes, out_axes, n, batch, rows)
+  f_bits, y = out['f'], out['y']  # y [N, B, d_in + 1]
   if gated:
-    f_bits, acts_bits, x_hat, y = _row_blocks(block, x, rows)  # y [N, B, d_in + 1]
+    acts_bits, x_hat = out['acts'], out['x_hat']
     x_aux = y[..., :d_in] + b_dec[:, None, :]
   else:
-    f_bits, y = _row_blocks(block, x, rows)
     acts_bits, x_hat, x_aux = f_bits, y[..., :d_in], None
   x_hat = x_hat + b_dec[:, None, :]
   sparse_sum = y[..., d_in]  # [N, B]
@@ -481,16 +545,8 @@ def _stack_backward(spec: SAESpec, latent_sharding, residuals, ct: dict):
     """One block of latents: b's arrays are [N', ...] with `cs` latents."""
     f = _from_bits(b['f'], cd)  # [N', B, cs]
     if gated:
-      if 'merge' in _DBG:
-        both = jnp.concatenate([_with_column(b['d_xhat'], jnp.zeros(b['d_xhat'].shape[:2])), b['d_aux']], axis=1)
-        dd = _bmm_nt(both, b['w_ext'], cd)
-        d_f, d_acts = dd[:, :batch], dd[:, batch:]
-      elif 'bf16out' in _DBG:
-        d_f = jax.lax.dot_general(b['d_xhat'].astype(cd), b['w_dec'], (((2,), (2,)), ((0,), (0,))), preferred_element_type=cd)
-        d_acts = jax.lax.dot_general(b['d_aux'].astype(cd), b['w_ext'], (((2,), (2,)), ((0,), (0,))), preferred_element_type=cd)
-      else:
-        d_f = _bmm_nt(b['d_xhat'], b['w_dec'], cd)  # [N', B, cs]
-        d_acts = _bmm_nt(b['d_aux'], b['w_ext'], cd)
+      d_f = _bmm_nt(b['d_xhat'], b['w_dec'], cd)  # [N', B, cs]
+      d_acts = _bmm_nt(b['d_aux'], b['w_ext'], cd)
     else:
       d_f = _bmm_nt(b['d_xhat'], b['w_ext'], cd)
     ct_f = _from_bits(b['ct_f'], cd) if 'ct_f' in b else None
@@ -503,51 +559,41 @@ def _stack_backward(spec: SAESpec, latent_sharding, residuals, ct: dict):
       d_mag = jnp.where(f > 0, d_f, 0.0)  # through the magnitude path only
       d_gate = jnp.where(acts > 0, _constrain(d_acts, latent_sharding), 0.0)
       d_pre = b['exp_r_mag'][:, None, :] * d_mag + d_gate
-      out['b_mag'] = jnp.sum(d_mag, 1)
-      if 'ride' not in _DBG:
-        out['b_gate'] = jnp.sum(d_gate, 1)
+      out['b_mag'], out['b_gate'] = jnp.sum(d_mag, 1), jnp.sum(d_gate, 1)
       if ct_f is not None:
-        out['ct_f'] = jnp.sum(jnp.where(f > 0, ct_f * f, 0.0), 1)
+        f32 = lambda a: a.astype(jnp.float32)
+        out['ct_f'] = jnp.sum(jnp.where(f > 0, f32(ct_f) * f32(f), 0.0), 1)
       if aux_learns_decoder:
         out['g_aux'] = _bmm(b['d_aux_t'], acts, cd)  # [N', d_in + 1, cs]
     else:
       d_pre = jnp.where(f > 0, d_f, 0.0)
       out['b_enc'] = jnp.sum(d_pre, 1)
-    if 'no_elem' in _DBG:
-      d_pre = d_f + d_acts if gated else d_f
-      out = {k: jnp.zeros_like(v) for k, v in out.items()}
     d_pre = _constrain(d_pre.astype(cd), latent_sharding)
     # x^T d_pre for the block's columns of every SAE in it: [d_in + 1, N', cs].
-    if 'no_wgrad' in _DBG:
-      out['g_enc'] = jnp.zeros((d_in + 1,) + d_pre.shape[::2]) + jnp.sum(d_pre[:, :1, :1])
-      out['g_dec'] = jnp.zeros((d_pre.shape[0], d_in + 1, d_pre.shape[2])) + jnp.sum(f[:, :1, :1])
-    else:
-      out['g_enc'] = _dot(x_t, d_pre, ((1,), (1,)), dtype=cd)
-      out['g_dec'] = _bmm(b['d_xhat_t'], f, cd)  # [N', d_in + 1, cs]
+    out['g_enc'] = _dot(x_t, d_pre, ((1,), (1,)), dtype=cd)
+    out['g_dec'] = _bmm(b['d_xhat_t'], f, cd)  # [N', d_in + 1, cs]
     # x is data in training; XLA drops this when nothing asks for it.
     out['d_x'] = jnp.einsum('nbs,nis->bi', d_pre, b['w_enc'].astype(cd))
     return out
 
-  stack_axis = {'g_enc': 1, 'd_x': None}  # the rest: 0
-  cs = _block_size(d_sae, batch, latent_sharding, _BWD_BLOCK_ELEMENTS)
-  if cs == d_sae and (n == 1 or latent_sharding is not None):
+  if _whole(n, batch, d_sae, latent_sharding):
     out = block(
         {
-            k: _from_bits(v, cd) if k in ('f', 'acts', 'ct_f') else v
+            k: _from_bits(v, cd) if v.dtype == jnp.uint16 else v
             for k, v in inputs.items()
         }
     )
   else:
-    out = _latent_blocks(block, inputs, latent_axis, stack_axis, n, d_sae, cs)
+    in_axes = {k: (0, axis) for k, axis in latent_axis.items()}
+    out_axes = {k: (0, 1) for k in ('b_mag', 'b_gate', 'b_enc', 'ct_f')}
+    out_axes.update({'g_dec': (0, 2), 'g_aux': (0, 2), 'g_enc': (1, 2), 'd_x': None})
+    cs = _block_size(d_sae, batch, latent_sharding)
+    out = _sae_blocks(block, inputs, in_axes, out_axes, n, d_sae, cs)
 
   grads = {}
   if gated:
-    if 'ride' in _DBG:
-      d_pre_sum = jnp.transpose(out['g_enc'][d_in], (0, 1))
-      grads['b_mag'], grads['b_gate'] = out['b_mag'], d_pre_sum - jnp.exp(params['r_mag']) * out['b_mag']
-    else:
-      grads['b_mag'], grads['b_gate'] = out['b_mag'], out['b_gate']
-      d_pre_sum = jnp.exp(params['r_mag']) * out['b_mag'] + out['b_gate']  # [N, S]
+    grads['b_mag'], grads['b_gate'] = out['b_mag'], out['b_gate']
+    d_pre_sum = jnp.exp(params['r_mag']) * out['b_mag'] + out['b_gate']  # [N, S]
   else:
     grads['b_enc'] = d_pre_sum = out['b_enc']
   # Encoder weight: x^T d_pre, and the -b_dec term as an outer product with
@@ -582,56 +628,6 @@ def _stack_backward(spec: SAESpec, latent_sharding, residuals, ct: dict):
   d_x = out['d_x'] - jnp.sum(d_direct, axis=0)
   d_l1 = jnp.sum(per_example('l_sp') * sparse_sum, axis=1)
   return grads, d_x.astype(x.dtype), d_l1
-
-
-def _latent_blocks(block, inputs, latent_axis, stack_axis, n, d_sae, cs) -> dict:
-  """block() over blocks of `cs` latents of one SAE each, in a loop.
-
-  Inputs are sliced to SAE i and (where latent_axis names an axis) to the
-  block's latents; block outputs with a stack axis (stack_axis, default 0)
-  have the latents last and are written into full [..., N, ..., S] arrays;
-  those without one are summed.
-  """
-  per_sae = d_sae // cs
-
-  def sliced(name, a, sae, start):
-    starts = [0] * a.ndim
-    sizes = list(a.shape)
-    starts[0], sizes[0] = sae, 1
-    if latent_axis[name] is not None:
-      starts[latent_axis[name]], sizes[latent_axis[name]] = start, cs
-    return jax.lax.dynamic_slice(a, starts, sizes)
-
-  def blocks(i):
-    sae, start = i // per_sae, (i % per_sae) * cs
-    return sae, start, {k: sliced(k, v, sae, start) for k, v in inputs.items()}
-
-  likes = jax.eval_shape(lambda: block(blocks(0)[2]))
-
-  def full_shape(name, like):
-    axis = stack_axis.get(name, 0)
-    if axis is None:
-      return like.shape
-    shape = list(like.shape)
-    shape[axis], shape[-1] = n, d_sae
-    return tuple(shape)
-
-  def body(i, acc):
-    sae, start, b = blocks(i)
-    out = block(b)
-    new = {}
-    for name, value in out.items():
-      axis = stack_axis.get(name, 0)
-      if axis is None:
-        new[name] = acc[name] + value
-      else:
-        starts = [0] * value.ndim
-        starts[axis], starts[-1] = sae, start
-        new[name] = jax.lax.dynamic_update_slice(acc[name], value, starts)
-    return new
-
-  init = {k: jnp.zeros(full_shape(k, v), v.dtype) for k, v in likes.items()}
-  return jax.lax.fori_loop(0, n * per_sae, body, init)
 
 
 _stack.defvjp(_stack_fwd, _stack_backward, symbolic_zeros=True)
