@@ -208,10 +208,10 @@ def stacked_forward(
   [N, batch], latents f [N, batch, d_sae] (in spec.compute_dtype) and
   reconstructions x_hat [N, batch, d_in] (float32).
 
-  Every SAE sees the same x, so the N encoders run as ONE wide matmul
-  x @ [W_enc_1 | ... | W_enc_N] (and their weight gradients as one wide
-  x^T @ cotangent) instead of N small batched ones, which XLA runs slowly on
-  CPU; only the decoders are a batched matmul.
+  Every SAE sees the same x: a small stack (or one sharded over devices) runs
+  its N encoders as ONE wide matmul x @ [W_enc_1 | ... | W_enc_N], which XLA
+  runs faster on CPU than N small batched ones; a large one runs in blocks of
+  one SAE each (below), big enough to keep the matmuls efficient.
 
   Gradient routing [P Eq. 8] is built in:
     - L_rec does not reach the gate path (the Heaviside gate has zero gradient),
@@ -573,7 +573,9 @@ def _stack_backward(spec: SAESpec, latent_sharding, residuals, ct: dict):
     out['g_enc'] = _dot(x_t, d_pre, ((1,), (1,)), dtype=cd)
     out['g_dec'] = _bmm(b['d_xhat_t'], f, cd)  # [N', d_in + 1, cs]
     # x is data in training; XLA drops this when nothing asks for it.
-    out['d_x'] = jnp.einsum('nbs,nis->bi', d_pre, b['w_enc'].astype(cd))
+    out['d_x'] = jnp.einsum(
+        'nbs,nis->bi', d_pre, b['w_enc'].astype(cd), preferred_element_type=jnp.float32
+    )
     return out
 
   if _whole(n, batch, d_sae, latent_sharding):
