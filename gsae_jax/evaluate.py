@@ -66,7 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsae_jax import logs, models
+from gsae_jax import harvest, logs, models
 from gsae_jax import sweep as sweep_lib
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than this fraction is dense
@@ -367,13 +367,6 @@ def _replaced_ce(lm: Any, ids: np.ndarray, site: str, new_acts: Any, n: int):
   return np.asarray(ce)[:n, 1:]
 
 
-def _inliers(norms: np.ndarray, factor: float) -> np.ndarray:
-  """Rows whose norm is at most factor x the median (harvest's filter)."""
-  if factor <= 0 or norms.size == 0:
-    return np.ones(norms.shape, bool)
-  return norms <= factor * np.median(norms)
-
-
 class _Progress:
   """A progress line on stderr, at most every 2 s: tokens/s and ETA.
 
@@ -531,7 +524,7 @@ def evaluate(
     x_host = np.asarray(acts[:, 1:]).reshape(-1, lm.d_model)
     real = np.arange(x_host.shape[0]) < n * per_context
     keep = real.copy()
-    keep[real] = _inliers(np.linalg.norm(x_host[real], axis=-1), outlier_norm_factor)
+    keep[real] = harvest.inliers(x_host[real], outlier_norm_factor)
     mask = jnp.asarray(keep, jnp.float32)
 
     ce_clean = _replaced_ce(lm, ids, site, acts, n)

@@ -105,7 +105,7 @@ def harvest(
       ids += [ids[-1]] * (lm_batch - n)  # one compiled shape; padding dropped
       acts = np.asarray(model.activations(np.stack(ids), h.site))[:n, 1:]
       acts = acts.reshape(-1, model.d_model)
-      keep = _inliers(acts, float(h.outlier_norm_factor))
+      keep = inliers(acts, float(h.outlier_norm_factor))
       dropped += int(acts.shape[0] - keep.sum())
       acts = acts[keep][: int(h.num_tokens) - rows]
       writer.append(acts, start_row=rows)
@@ -127,14 +127,14 @@ def harvest(
 JOURNAL = 'harvest_journal.jsonl'
 
 
-def _inliers(acts: np.ndarray, factor: float) -> np.ndarray:
+def inliers(acts: np.ndarray, factor: float) -> np.ndarray:
   """Rows whose norm is at most `factor` x the batch's median norm.
 
   Besides position 0, SmolLM2 makes a few other tokens attention sinks (~0.1%
   of positions, norms 10-150x the median); left in, they would dominate the
   squared-error loss and the normalisation. factor 0 keeps every row.
   """
-  if factor <= 0:
+  if factor <= 0 or acts.shape[0] == 0:
     return np.ones(acts.shape[0], bool)
   norms = np.linalg.norm(acts.astype(np.float32), axis=-1)
   return norms <= factor * np.median(norms)
