@@ -205,8 +205,10 @@ def stacked_forward(
   params are stacked ([N, ...] each), x [batch, d_in] is shared and l1_coeff is
   [N]. `latent_sharding` (optional) pins the [N, batch, d_sae] latents to a
   sharding on a device mesh. Returns per-example loss terms l_rec, l_sp, l_aux
-  [N, batch], latents f [N, batch, d_sae] (in spec.compute_dtype) and
-  reconstructions x_hat [N, batch, d_in] (float32).
+  [N, batch], latents f [N, batch, d_sae] (in spec.compute_dtype; a gated
+  SAE's closed gates hold -0.0, see `_CLOSED`), `fires` [N, d_sae] (on how
+  many rows each latent is > 0) and reconstructions x_hat [N, batch, d_in]
+  (float32).
 
   Every SAE sees the same x: a small stack (or one sharded over devices) runs
   its N encoders as ONE wide matmul x @ [W_enc_1 | ... | W_enc_N], which XLA
@@ -252,6 +254,14 @@ def _block_size(length: int, other: int, latent_sharding) -> int:
     return length
   size = max(r for r in range(1, target + 1) if length % r == 0)
   return size if size * 4 >= target else length
+
+
+# A gated SAE's latent is 0 where its gate is closed, and also where the gate is
+# open but ReLU(pi_mag) is 0. The forward pass stores the first zero as -0.0
+# and the second as +0.0: f stays the same numbers (-0.0 == 0, f > 0 and
+# matmuls are unchanged), and its sign bit carries the gate mask pi_gate > 0
+# that the backward pass needs, so no second [N, batch, d_sae] array is kept.
+_CLOSED = -0.0
 
 
 def _bits(a: jax.Array) -> jax.Array:
@@ -330,8 +340,9 @@ def _sae_blocks(block, inputs: dict, in_axes: dict, out_axes: dict, n, length, s
   in_axes[name] = (stack axis or None, blocked axis or None): each input is
   sliced to SAE i (a stack axis of 1 stays) and to the block. block(dict)
   returns a dict; out_axes[name] = (stack axis, blocked axis) places an entry
-  in a full array (N along the stack axis, `length` along the blocked one),
-  None sums it over blocks. Returns the full arrays, bfloat16 as uint16
+  in a full array (N along the stack axis, `length` along the blocked one;
+  a blocked axis of None sums it over each SAE's blocks), None sums it over
+  all blocks. Returns the full arrays, bfloat16 as uint16
   (`_bits`).
   """
   per_sae = length // size
@@ -365,7 +376,9 @@ def _sae_blocks(block, inputs: dict, in_axes: dict, out_axes: dict, n, length, s
       return jnp.zeros(like.shape, like.dtype)
     shape = list(like.shape)
     stack, axis = out_axes[name]
-    shape[stack], shape[axis] = n, length
+    shape[stack] = n
+    if axis is not None:
+      shape[axis] = length
     return _bits(jnp.zeros(shape, like.dtype))
 
   def body(i, acc):
@@ -376,6 +389,9 @@ def _sae_blocks(block, inputs: dict, in_axes: dict, out_axes: dict, n, length, s
         new[name] = acc[name] + value
       else:
         starts = start_of(out_axes[name], value.ndim, sae, start)
+        if out_axes[name][1] is None:  # summed over this SAE's blocks
+          old = jax.lax.dynamic_slice(acc[name], starts, value.shape)
+          value = _from_bits(old, value.dtype) + value
         new[name] = jax.lax.dynamic_update_slice(acc[name], _bits(value), starts)
     return new
 
@@ -398,6 +414,9 @@ def _stack_forward(spec: SAESpec, latent_sharding, params: Params, x, l1_coeff):
   n, d_in, d_sae = w_enc.shape
   batch = x.shape[0]
   gated = spec.architecture == 'gated'
+  # The backward pass needs a gated SAE's gate only as a mask, which f's sign
+  # bit carries, unless L_aux trains the decoder (then it needs acts itself).
+  keep_acts = gated and spec.sparsity == 'decoder_norm'
   # (x - b_dec) W_enc, with b_dec's term a mat-vec, not a second matmul.
   enc_bias = jnp.einsum('ni,nis->ns', b_dec, w_enc)  # [N, S]
   weights = _sparsity_weights(spec, w_dec)  # [N, S]
@@ -423,36 +442,46 @@ def _stack_forward(spec: SAESpec, latent_sharding, params: Params, x, l1_coeff):
     if gated:
       pi_gate = pre + col('b_gate')
       pi_mag = jnp.exp(col('r_mag')) * pre + col('b_mag')
-      f = jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0).astype(cd)
+      # A closed gate's zero is -0.0 (see `_CLOSED`), an open one's is +0.0.
+      f = jnp.where(pi_gate > 0, jnp.where(pi_mag > 0, pi_mag, 0.0), _CLOSED)
+      f = _constrain(f.astype(cd), latent_sharding)
       acts = jax.nn.relu(pi_gate).astype(cd)  # what L_sp and L_aux see
-      f, acts = _constrain(f, latent_sharding), _constrain(acts, latent_sharding)
-      return {
+      acts = _constrain(acts, latent_sharding)
+      out = {
           'f': f,
-          'acts': acts,
           'x_hat': _bmm(f, b['w_dec'], cd),
           'y': _bmm(acts, b['w_ext'], cd),  # [N', rows, d_in + 1]
       }
-    f = _constrain(jax.nn.relu(pre + col('b_enc')).astype(cd), latent_sharding)
-    return {'f': f, 'y': _bmm(f, b['w_ext'], cd)}
+      if keep_acts:
+        out['acts'] = acts
+    else:
+      f = _constrain(jax.nn.relu(pre + col('b_enc')).astype(cd), latent_sharding)
+      out = {'f': f, 'y': _bmm(f, b['w_ext'], cd)}
+    # How many rows each latent fires on: the metrics' L0 and the dead-latent
+    # counters, counted while f is in cache.
+    out['fires'] = jnp.sum(f > 0, axis=1, dtype=jnp.float32)  # [N', S]
+    return out
 
   if _whole(n, batch, d_sae, latent_sharding):
     out = {k: _bits(v) for k, v in block(inputs).items()}
   else:
     in_axes = {k: (None, 0) if k == 'x' else (0, None) for k in inputs}
     out_axes = {k: (0, 1) for k in ('f', 'acts', 'x_hat', 'y')}
+    out_axes['fires'] = (0, None)
     rows = _block_size(batch, d_sae, latent_sharding)
     out = _sae_blocks(block, inputs, in_axes, out_axes, n, batch, rows)
   f_bits, y = out['f'], out['y']  # y [N, B, d_in + 1]
   if gated:
-    acts_bits, x_hat = out['acts'], out['x_hat']
+    acts_bits, x_hat = out.get('acts'), out['x_hat']
     x_aux = y[..., :d_in] + b_dec[:, None, :]
   else:
-    acts_bits, x_hat, x_aux = f_bits, y[..., :d_in], None
+    acts_bits, x_hat, x_aux = None, y[..., :d_in], None
   x_hat = x_hat + b_dec[:, None, :]
   sparse_sum = y[..., d_in]  # [N, B]
   l1 = jnp.asarray(l1_coeff, jnp.float32)
   out = {
       'f': _from_bits(f_bits, cd),
+      'fires': out['fires'],
       'x_hat': x_hat,
       'l_rec': _squared_error(spec, x, x_hat),
       'l_sp': l1[:, None] * sparse_sum,
@@ -527,7 +556,8 @@ def _stack_backward(spec: SAESpec, latent_sharding, residuals, ct: dict):
   add('w_enc', w_enc, 2)
   if gated:
     d_aux = k * per_example('l_aux')[:, :, None] * (x_aux - x)
-    add('acts', acts_bits, 2)
+    if acts_bits is not None:
+      add('acts', acts_bits, 2)
     add('d_xhat', d_xhat)
     add('d_aux', _with_column(d_aux, lam))  # [N, B, d_in + 1]
     add('d_xhat_t', _transposed(d_xhat, ones, cd))  # [N, d_in + 1, B]
@@ -555,9 +585,10 @@ def _stack_backward(spec: SAESpec, latent_sharding, residuals, ct: dict):
     d_f = _constrain(d_f, latent_sharding)
     out = {}
     if gated:
-      acts = _from_bits(b['acts'], cd)
+      acts = _from_bits(b['acts'], cd) if 'acts' in b else None
+      gate = ~jnp.signbit(f) if acts is None else acts > 0  # pi_gate > 0
       d_mag = jnp.where(f > 0, d_f, 0.0)  # through the magnitude path only
-      d_gate = jnp.where(acts > 0, _constrain(d_acts, latent_sharding), 0.0)
+      d_gate = jnp.where(gate, _constrain(d_acts, latent_sharding), 0.0)
       d_pre = b['exp_r_mag'][:, None, :] * d_mag + d_gate
       out['b_mag'], out['b_gate'] = jnp.sum(d_mag, 1), jnp.sum(d_gate, 1)
       if ct_f is not None:

@@ -104,11 +104,11 @@ def dead_window_steps(config: ml_collections.ConfigDict) -> int:
 
 def batch_metrics(x: jax.Array, out: dict) -> dict:
   """Cheap per-batch metrics of one SAE (ratios of batch sums, [P §2 metrics])."""
-  x_hat, f = out['x_hat'], out['f']
+  x_hat = out['x_hat']
   err = jnp.sum(jnp.square(x - x_hat))
   var = jnp.sum(jnp.square(x - jnp.mean(x, axis=0)))
   return {
-      'l0': jnp.mean(jnp.sum(f > 0, axis=-1).astype(jnp.float32)),
+      'l0': jnp.sum(out['fires']) / x.shape[0],
       'fvu': err / var,
       'shrinkage_gamma': jnp.sum(jnp.square(x_hat)) / jnp.sum(x * x_hat),
   }
@@ -171,7 +171,7 @@ def make_train_step(
       return jnp.sum(per_sae), (per_sae, out)
 
     (_, (loss, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    fired = jnp.any(out['f'] > 0, axis=1)  # [n_sae, d_sae]
+    fired = out['fires'] > 0  # [n_sae, d_sae]
     if data_axis is not None:
       grads = jax.lax.pmean(grads, data_axis)
       fired = jax.lax.pmax(fired.astype(jnp.int32), data_axis) > 0

@@ -137,6 +137,17 @@ def test_float32_gradients_equal_autodiff_of_plain_formulation(
   ref = reference_stacked_forward(spec, params, x, l1)
   for k in ref:
     np.testing.assert_allclose(out[k], ref[k], rtol=1e-5, atol=1e-5, err_msg=k)
+  f = np.asarray(out['f'])
+  np.testing.assert_array_equal(out['fires'], np.sum(f > 0, axis=1))
+  if arch == 'gated':  # the gate mask rides in f's sign bit: -0.0 = closed
+    pre = (
+        np.einsum('bi,nis->nbs', x, params['W_enc'])
+        - np.einsum('ni,nis->ns', params['b_dec'], params['W_enc'])[:, None]
+    )
+    gate = pre + np.asarray(params['b_gate'])[:, None] > 0
+    sure = np.abs(pre + np.asarray(params['b_gate'])[:, None]) > 1e-4
+    np.testing.assert_array_equal(~np.signbit(f)[sure], gate[sure])
+    assert np.any(gate & (f == 0)), 'no open gate with ReLU(pi_mag) = 0 tested'
 
 
 def test_blocks_are_used_at_training_shapes():
