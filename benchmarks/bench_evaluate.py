@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import gsae_jax
-from gsae_jax import api, evaluate, models, text
+from gsae_jax import api, evaluate, hostmem, models, text
 from gsae_jax import config as config_lib
 from gsae_jax import lm as lm_lib
 
@@ -100,6 +100,7 @@ def main():
   parser.add_argument('--context_len', type=int, default=128)
   parser.add_argument('--batch_size', type=int, default=8)
   args = parser.parse_args()
+  hostmem.keep_host_memory()  # as the launchers do; before any JAX work
   lm = lm_lib.load()
   if args.workdir:
     saes = gsae_jax.load(args.workdir)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsae_jax import lm
+from gsae_jax import hostmem, lm
 
 
 def _best_time(fn: Callable[[], jax.Array], repeats: int) -> tuple[float, float]:
@@ -79,6 +79,7 @@ def main() -> None:
       "--full", action="store_true", help="also time the whole model (CE)"
   )
   args = parser.parse_args()
+  hostmem.keep_host_memory()  # as the launchers do; before any JAX work
   shapes = _parse_shapes(args.shapes)
 
   start = time.perf_counter()
