@@ -497,7 +497,6 @@ def _stack_forward(spec: SAESpec, latent_sharding, params: Params, x, l1_coeff):
       x_aux,
       sparse_sum,
       weights,
-      w_ext,
   )
   return out, residuals
 
@@ -514,7 +513,8 @@ def _stack_backward(spec: SAESpec, latent_sharding, residuals, ct: dict):
 
   Blocks of latents (columns of the [batch, d_sae] arrays): for each, the
   decoder-input products d_f = d_x_hat W_dec^T and d_acts = d_x_aux W_dec^T
-  (the penalty's gradient riding along as one more input column), the
+  (plus the penalty's gradient lam_b weights_i, added in the elementwise
+  pass rather than as an odd-sized product's extra column), the
   elementwise pass (masks, bias sums) and then that block's columns of the
   encoder-weight product x^T d_pre and of the decoder-weight product
   d_x_hat^T f -- complete for the block, so nothing [batch, d_sae] is ever
@@ -522,7 +522,7 @@ def _stack_backward(spec: SAESpec, latent_sharding, residuals, ct: dict):
   cotangent; r_mag's comes from the decoder-weight product:
   sum_b d_mag f = sum_b d_f f = rowsum(W_dec * f^T d_x_hat).
   """
-  params, x, l1, f_bits, acts_bits, x_hat, x_aux, sparse_sum, weights, w_ext = residuals
+  params, x, l1, f_bits, acts_bits, x_hat, x_aux, sparse_sum, weights = residuals
   symbolic_zero = jax.custom_derivatives.SymbolicZero
   ct = {k: (None if isinstance(v, symbolic_zero) else v) for k, v in ct.items()}
   cd = jnp.dtype(spec.compute_dtype)
@@ -552,21 +552,22 @@ def _stack_backward(spec: SAESpec, latent_sharding, residuals, ct: dict):
   inputs = {}
   add('f', f_bits, 2)
   add('w_dec', w_dec.astype(cd), 1)
-  add('w_ext', w_ext, 1)
   add('w_enc', w_enc, 2)
+  add('lam', lam)
+  add('weights', weights, 1)
   if gated:
     d_aux = k * per_example('l_aux')[:, :, None] * (x_aux - x)
     if acts_bits is not None:
       add('acts', acts_bits, 2)
     add('d_xhat', d_xhat)
-    add('d_aux', _with_column(d_aux, lam))  # [N, B, d_in + 1]
+    add('d_aux', d_aux)
     add('d_xhat_t', _transposed(d_xhat, ones, cd))  # [N, d_in + 1, B]
     if aux_learns_decoder:
       add('d_aux_t', _transposed(d_aux, lam, cd))
     add('exp_r_mag', jnp.exp(params['r_mag']), 1)
   else:
     d_aux = None
-    add('d_xhat', _with_column(d_xhat, lam))
+    add('d_xhat', d_xhat)
     add('d_xhat_t', _transposed(d_xhat, lam if learn_weights else ones, cd))
   if ct['f'] is not None:
     add('ct_f', _bits(ct['f']), 2)
@@ -574,11 +575,14 @@ def _stack_backward(spec: SAESpec, latent_sharding, residuals, ct: dict):
   def block(b: dict) -> dict:
     """One block of latents: b's arrays are [N', ...] with `cs` latents."""
     f = _from_bits(b['f'], cd)  # [N', B, cs]
+    # The penalty's gradient, lam_b weights_i, added where it is used (no
+    # matmul column: an odd-sized product costs more than the add).
+    d_sp = b['lam'][:, :, None] * b['weights'][:, None, :]
+    d_f = _bmm_nt(b['d_xhat'], b['w_dec'], cd)  # [N', B, cs]
     if gated:
-      d_f = _bmm_nt(b['d_xhat'], b['w_dec'], cd)  # [N', B, cs]
-      d_acts = _bmm_nt(b['d_aux'], b['w_ext'], cd)
+      d_acts = _bmm_nt(b['d_aux'], b['w_dec'], cd) + d_sp
     else:
-      d_f = _bmm_nt(b['d_xhat'], b['w_ext'], cd)
+      d_f = d_f + d_sp
     ct_f = _from_bits(b['ct_f'], cd) if 'ct_f' in b else None
     if ct_f is not None:
       d_f = d_f + ct_f
