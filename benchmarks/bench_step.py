@@ -24,8 +24,9 @@ matmul inputs accumulate in float32, as in the step):
   and a memcpy (np.copyto of 256 MiB), for scale.
 
 Rounds interleave A, B, the float32 step and the mixed-precision step (and,
-unless --no-autodiff, the step with the plain jax.grad formulation the custom
-VJP replaced), so that other load on the machine hits all alike. Each number
+unless --no-autodiff, the step with the plain jax.grad formulation,
+models._autodiff_forward: what the custom VJP replaced on CPU and what other
+backends run), so that other load on the machine hits all alike. Each number
 is a median over rounds; each fraction is the median of per-round ratios.
 The step is train.make_train_step as the training loop compiles it (donated
 state, metrics included), fed one device-resident batch. Freed host memory
@@ -61,39 +62,6 @@ def _config(arch, d_in, d_sae, batch, compute_dtype):
   c.sae.d_in, c.sae.d_sae, c.train.batch_size = d_in, d_sae, batch
   c.sae.compute_dtype = compute_dtype
   return c
-
-
-def _plain_stacked_forward(spec, params, x, l1_coeff, latent_sharding=None):
-  """The formulation the custom VJP replaced: plain JAX under jax.grad."""
-  del latent_sharding
-  sg = jax.lax.stop_gradient
-  w_enc, w_dec, b_dec = params['W_enc'], params['W_dec'], params['b_dec']
-  n, d_in, d_sae = w_enc.shape
-  wide = jnp.transpose(w_enc, (1, 0, 2)).reshape(d_in, n * d_sae)
-  pre = jnp.transpose((x @ wide).reshape(x.shape[0], n, d_sae), (1, 0, 2))
-  pre = pre - jnp.einsum('ni,nis->ns', b_dec, w_enc)[:, None, :]
-  col = lambda name: params[name][:, None, :]
-  if spec.architecture == 'gated':
-    pi_gate = pre + col('b_gate')
-    f = jnp.where(
-        pi_gate > 0, jax.nn.relu(jnp.exp(col('r_mag')) * pre + col('b_mag')), 0.0
-    )
-    acts = jax.nn.relu(pi_gate)
-  else:
-    f = acts = jax.nn.relu(pre + col('b_enc'))
-  x_hat = jnp.einsum('nbs,nsd->nbd', f, w_dec) + b_dec[:, None, :]
-  err = lambda y: jnp.sum(jnp.square(x - y), -1) / d_in
-  out = {
-      'f': f,
-      'fires': jnp.sum(f > 0, axis=1, dtype=jnp.float32),
-      'x_hat': x_hat,
-      'l_rec': err(x_hat),
-      'l_sp': jnp.asarray(l1_coeff)[:, None] * jnp.sum(acts, -1),
-      'l_aux': jnp.zeros_like(x_hat[..., 0]),
-  }
-  if spec.architecture == 'gated':
-    out['l_aux'] = err(jnp.einsum('nbs,nsd->nbd', acts, sg(w_dec)) + sg(b_dec)[:, None])
-  return out
 
 
 def _step_runner(config, x, forward=None):
@@ -231,7 +199,7 @@ def main():
     runs[f'step {dt}'] = _step_runner(_config(args.arch, d_in, d_sae, batch, dt), x)
   if args.autodiff:
     runs['step float32 autodiff'] = _step_runner(
-        _config(args.arch, d_in, d_sae, batch, 'float32'), x, _plain_stacked_forward
+        _config(args.arch, d_in, d_sae, batch, 'float32'), x, models._autodiff_forward
     )
   memcpy = []
   times = {k: [] for k in runs}

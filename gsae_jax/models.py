@@ -229,9 +229,64 @@ def stacked_forward(
   inputs in spec.compute_dtype and float32 accumulation, and so that no
   [batch, d_sae] intermediate makes a round trip to memory: the forward runs
   on blocks of batch rows, the backward on blocks of latents, each block's
-  elementwise work done while its matmul outputs are in cache.
+  elementwise work done while its matmul outputs are in cache. That is a CPU
+  design: on other backends the same forward is differentiated by JAX
+  (`_autodiff_forward`), which an H200 ran 1.3x faster than the custom VJP.
   """
-  return _stack(spec, latent_sharding, params, x, jnp.asarray(l1_coeff, jnp.float32))
+  l1_coeff = jnp.asarray(l1_coeff, jnp.float32)
+  if jax.default_backend() != 'cpu':
+    return _autodiff_forward(spec, params, x, l1_coeff, latent_sharding)
+  return _stack(spec, latent_sharding, params, x, l1_coeff)
+
+
+def _autodiff_forward(spec: SAESpec, params: Params, x, l1_coeff, latent_sharding):
+  """stacked_forward in plain JAX, for jax.grad; the routing by stop_gradient.
+
+  Products take inputs in spec.compute_dtype and accumulate in float32.
+  """
+  cd = jnp.dtype(spec.compute_dtype)
+  sg = jax.lax.stop_gradient
+  w_enc, w_dec, b_dec = params['W_enc'], params['W_dec'], params['b_dec']
+  gated = spec.architecture == 'gated'
+  mm = lambda eq, a, b: jnp.einsum(
+      eq, a.astype(cd), b.astype(cd), preferred_element_type=jnp.float32
+  )
+  x = jnp.asarray(x)
+  pre = mm('bi,nis->nbs', x, w_enc)
+  pre = _constrain(
+      pre - jnp.einsum('ni,nis->ns', b_dec, w_enc)[:, None], latent_sharding
+  )
+  col = lambda name: params[name][:, None, :]  # [N, 1, S]
+  if gated:
+    pi_gate = pre + col('b_gate')
+    pi_mag = jnp.exp(col('r_mag')) * pre + col('b_mag')
+    # No gradient to the gate; closed gates hold -0.0, as on the CPU path.
+    f = jnp.where(pi_gate > 0, jnp.where(pi_mag > 0, pi_mag, 0.0), _CLOSED)
+    acts = jax.nn.relu(pi_gate)
+  else:
+    f = acts = jax.nn.relu(pre + col('b_enc'))
+  f = _constrain(f.astype(cd), latent_sharding)
+  weights = _sparsity_weights(spec, w_dec)
+  if spec.sparsity == 'decoder_norm_frozen':
+    weights = sg(weights)
+  x_hat = mm('nbs,nsd->nbd', f, w_dec) + b_dec[:, None, :]
+  out = {
+      'f': f,
+      'fires': jnp.sum(f > 0, axis=1, dtype=jnp.float32),
+      'x_hat': x_hat,
+      'l_rec': _squared_error(spec, x, x_hat),
+      'l_sp': l1_coeff[:, None] * jnp.einsum('nbs,ns->nb', acts, weights),
+      'l_aux': jnp.zeros(x_hat.shape[:2]),
+  }
+  if gated:
+    # L_aux trains the decoder only in the 'decoder_norm' variant.
+    w_aux, b_aux = (
+        (w_dec, b_dec) if spec.sparsity == 'decoder_norm' else (sg(w_dec), sg(b_dec))
+    )
+    out['l_aux'] = _squared_error(
+        spec, x, mm('nbs,nsd->nbd', acts, w_aux) + b_aux[:, None, :]
+    )
+  return out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -333,8 +388,17 @@ def _sparsity_weights(spec: SAESpec, w_dec: jax.Array) -> jax.Array:
 
 
 def _whole(n: int, batch: int, d_sae: int, latent_sharding) -> bool:
-  """Whether the stack runs as one block: small, or sharded over devices."""
-  return latent_sharding is not None or n * batch * d_sae <= 2 * _BLOCK_ELEMENTS
+  """Whether the stack runs as one block: small, sharded over devices, or not
+  on CPU.
+
+  Blocks are a CPU cache measure. On a GPU the loop's small sequential
+  products cost more than they save: an H200 ran the step at d_sae 4096,
+  batch 4096 in 1.66 ms whole and 1.98 ms in blocks (float32; bfloat16 1.19
+  vs 1.31 ms).
+  """
+  if latent_sharding is not None or jax.default_backend() != 'cpu':
+    return True
+  return n * batch * d_sae <= 2 * _BLOCK_ELEMENTS
 
 
 def _sae_blocks(block, inputs: dict, in_axes: dict, out_axes: dict, n, length, size):

@@ -1,6 +1,11 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and float32 products in float32 on every backend."""
 
+import jax
 import pytest
+
+# Tests compare against float64 references; GPUs run float32 matmuls as TF32
+# by default, which is 3 significant digits.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture(scope="session")

@@ -161,7 +161,8 @@ def test_blocks_are_used_at_training_shapes():
   x = jax.ShapeDtypeStruct((4096, 512), jnp.float32)
   loss = lambda p, x: jnp.sum(models.stacked_forward(spec, p, x, jnp.ones(1))['l_rec'])
   text = str(jax.make_jaxpr(jax.grad(loss))(p, x))
-  assert text.count('scan[') == 2  # fori_loop with a static trip count
+  # fori_loops with static trip counts (the custom VJP runs on CPU only).
+  assert text.count('scan[') == (2 if jax.default_backend() == 'cpu' else 0)
 
 
 @pytest.mark.parametrize('arch', models.ARCHITECTURES)
@@ -210,3 +211,31 @@ def test_bfloat16_loss_curve_tracks_float32(tmp_path):
           b[key], a[key], rtol=0.01, err_msg=f"{key} @ {a['step']}"
       )
   assert f32[-1]['loss'][0] < 0.5 * f32[0]['loss'][0]  # it did learn
+
+
+@pytest.mark.parametrize(
+    'arch, sparsity',
+    [
+        ('gated', 'l1'),
+        ('gated', 'decoder_norm'),
+        ('gated', 'decoder_norm_frozen'),
+        ('baseline', 'l1'),
+    ],
+)
+def test_autodiff_path_equals_plain_formulation(arch, sparsity):
+  """The forward that other backends than CPU differentiate with jax.grad."""
+  spec = models.SAESpec(arch, D_IN, D_SAE, sparsity=sparsity)
+  forward = lambda s, p, x, l1: models._autodiff_forward(s, p, x, l1, None)
+  params = _params(arch, 2, seed=5)
+  x = jnp.asarray(np.random.default_rng(6).normal(size=(BATCH, D_IN)), jnp.float32)
+  l1 = jnp.asarray([0.05, 0.2])
+  got = _grads(forward, spec, params, x, l1)
+  want = _grads(reference_stacked_forward, spec, params, x, l1, jit=False)
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    r = np.asarray(r, np.float64)
+    np.testing.assert_allclose(g, r, rtol=0, atol=1e-5 * max(np.max(np.abs(r)), 1e-6))
+  out = forward(spec, params, x, l1)
+  f = np.asarray(out['f'])
+  np.testing.assert_array_equal(out['fires'], np.sum(f > 0, axis=1))
+  want_f = np.asarray(models.stacked_forward(spec, params, x, l1)['f'])
+  np.testing.assert_array_equal(np.signbit(f), np.signbit(want_f))  # same gates
