@@ -26,7 +26,9 @@ matmul inputs accumulate in float32, as in the step):
 Rounds interleave A, B, the float32 step and the mixed-precision step (and,
 unless --no-autodiff, the step with the plain jax.grad formulation,
 models._autodiff_forward: what the custom VJP replaced on CPU and what other
-backends run), so that other load on the machine hits all alike. Each number
+backends run; and, for a gated SAE with the fused CPU kernels available,
+the float32 step with its elementwise work as plain XLA ops instead,
+gsae_jax/cpu_kernels.py), so that other load on the machine hits all alike. Each number
 is a median over rounds; each fraction is the median of per-round ratios.
 The step is train.make_train_step as the training loop compiles it (donated
 state, metrics included), fed one device-resident batch. Freed host memory
@@ -50,7 +52,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import synthetic as synthetic_exp  # noqa: E402
-from gsae_jax import hostmem, models, train  # noqa: E402
+from gsae_jax import cpu_kernels, hostmem, models, train  # noqa: E402
 
 SHAPES = {'small': (64, 256, 1024), 'medium': (512, 4096, 4096)}  # d_in, d_sae, batch
 SQUARE = 4096
@@ -64,11 +66,14 @@ def _config(arch, d_in, d_sae, batch, compute_dtype):
   return c
 
 
-def _step_runner(config, x, forward=None):
-  """() -> runs one step (blocking). `forward` replaces stacked_forward."""
-  real = models.stacked_forward
+def _step_runner(config, x, forward=None, kernels=True):
+  """() -> runs one step (blocking). `forward` replaces stacked_forward;
+  kernels=False compiles it without the fused CPU kernels."""
+  real, real_fused = models.stacked_forward, models._fused
   if forward is not None:
     models.stacked_forward = forward
+  if not kernels:
+    models._fused = lambda *args: False
   try:
     step = jax.jit(train.make_train_step(config), donate_argnums=0)
     state = train.init_state(
@@ -77,7 +82,7 @@ def _step_runner(config, x, forward=None):
     state, _ = step(state, x)  # compile
     jax.block_until_ready(state)
   finally:
-    models.stacked_forward = real
+    models.stacked_forward, models._fused = real, real_fused
   box = [state]
 
   def run():
@@ -201,6 +206,11 @@ def main():
     runs['step float32 autodiff'] = _step_runner(
         _config(args.arch, d_in, d_sae, batch, 'float32'), x, models._autodiff_forward
     )
+  kernels = args.arch == 'gated' and cpu_kernels.available()
+  if kernels:
+    runs['step float32 XLA passes'] = _step_runner(
+        _config(args.arch, d_in, d_sae, batch, 'float32'), x, kernels=False
+    )
   memcpy = []
   times = {k: [] for k in runs}
   for _ in range(args.rounds):
@@ -222,9 +232,11 @@ def main():
         f'{1:7.2f}{ratio(f"B {dt}", f"A {dt}") * flops / (2 * SQUARE**3):7.2f}'
     )
     print(f'{"ceiling B " + dt:24}{"":9}{"":10}{b_rate / 1e9:9.0f}{"":7}{1:7.2f}')
-    names = [f'step {dt}'] + (
-        ['step float32 autodiff'] if args.autodiff and dt == 'float32' else []
-    )
+    names = [f'step {dt}']
+    if dt == 'float32':
+      names += [
+          n for n in ('step float32 XLA passes', 'step float32 autodiff') if n in runs
+      ]
     for name in names:
       row = {
           'name': name,
@@ -253,10 +265,16 @@ def main():
         'custom-VJP step / plain-autodiff step (float32), tokens/s: '
         f'{ratio("step float32 autodiff", "step float32"):.2f}x'
     )
+  if kernels:
+    print(
+        'fused CPU kernels / plain XLA passes (float32), tokens/s: '
+        f'{ratio("step float32 XLA passes", "step float32"):.2f}x'
+    )
   print(
       f'memcpy {np.median(memcpy) / 1e9:.1f} GB/s copied; load average '
       f'{load_before[0]:.2f} -> {load_after[0]:.2f}; '
-      f'freed host memory kept mapped: {kept} (gsae_jax.hostmem)'
+      f'freed host memory kept mapped: {kept} (gsae_jax.hostmem); '
+      f'fused CPU kernels: {kernels} (gsae_jax.cpu_kernels)'
   )
   os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
   with open(args.out, 'w') as f:
@@ -269,6 +287,7 @@ def main():
                 'load_average_before': load_before,
                 'load_average_after': load_after,
                 'keep_host_memory': kept,
+                'cpu_kernels': kernels,
             },
             'shape': {'arch': args.arch, 'd_in': d_in, 'd_sae': d_sae, 'batch': batch},
             'flops_formula': f'{2 * n_products} * batch * d_in * d_sae',
