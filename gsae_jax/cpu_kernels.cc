@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -47,19 +48,29 @@ inline uint16_t Store<uint16_t>(float x) {
   return static_cast<uint16_t>(u >> 16);
 }
 
-// fn(chunk) for chunk in [0, n): chunk 0 on the calling thread, the others on
-// the pool; returns when all are done.
+// fn(chunk) for every chunk in [0, n), on the calling thread and on up to
+// n - 1 tasks of the pool; returns when all chunks are done. Chunks are
+// claimed from a shared counter, so the caller never waits for a task that
+// has not started (the pool may be busy, even with other callers of these
+// kernels): it claims what is left itself, and waits only for chunks that
+// other threads are running. A task that starts late finds nothing to claim;
+// it holds the counters through a shared_ptr and never touches fn.
 template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, F fn) {
-  std::atomic<int64_t> left(n - 1);
-  for (int64_t c = 1; c < n; ++c) {
-    pool.Schedule([&, c] {
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& fn) {
+  struct Counters {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto counters = std::make_shared<Counters>();
+  auto work = [counters, n, &fn] {
+    for (int64_t c; (c = counters->next.fetch_add(1)) < n;) {
       fn(c);
-      left.fetch_sub(1, std::memory_order_acq_rel);
-    });
-  }
-  fn(0);
-  while (left.load(std::memory_order_acquire) > 0) std::this_thread::yield();
+      counters->done.fetch_add(1, std::memory_order_acq_rel);
+    }
+  };
+  for (int64_t t = 1; t < n; ++t) pool.Schedule(decltype(work)(work));
+  work();
+  while (counters->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
 int64_t Chunks(ffi::ThreadPool& pool, int64_t rows) {

@@ -8,6 +8,9 @@ test_precision.py check the kernel path against the math.
 """
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -117,3 +120,34 @@ def test_without_a_compiler_the_plain_path_is_used(monkeypatch, tmp_path):
   assert not list(tmp_path.iterdir())
   monkeypatch.setenv('GSAE_JAX_CPU_KERNELS', '0')
   assert cpu_kernels.available.__wrapped__() is False
+
+
+def test_concurrent_calls_on_several_devices_finish_and_agree():
+  """Kernels running at once (pmap over 4 CPU devices) share XLA's thread pool;
+  none may wait on a pool task that cannot start."""
+  script = textwrap.dedent("""
+      import jax, jax.numpy as jnp
+      from gsae_jax import cpu_kernels
+      assert cpu_kernels.available() and jax.device_count() == 4
+      pre = jax.random.normal(jax.random.PRNGKey(0), (4, 256, 512))
+      v = jnp.zeros((4, 512))
+      run = jax.pmap(
+          lambda p, v: cpu_kernels.gated_forward(p, v, v, v + 1, v, v + 1, 'float32')
+      )
+      for _ in range(100):
+        out = run(pre, v)
+      one = cpu_kernels.gated_forward(pre[3], v[3], v[3], v[3] + 1, v[3], v[3] + 1, 'float32')
+      assert all(bool(jnp.array_equal(a[3], b)) for a, b in zip(out, one))
+      print('ok')
+  """)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, '-c', script],
+      env=env,
+      cwd=root,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-2000:]
