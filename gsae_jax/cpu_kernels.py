@@ -29,6 +29,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +53,7 @@ _TARGETS = (
     'gsae_gated_backward_bf16',
 )
 _ENV = 'GSAE_JAX_CPU_KERNELS'
+_LOCK = threading.Lock()  # one build and registration per process
 
 
 def _cache_dir() -> pathlib.Path:
@@ -111,9 +113,14 @@ def build() -> pathlib.Path:
   return target
 
 
-@functools.cache
 def available() -> bool:
   """Whether the kernels are built, loaded and registered with XLA (CPU)."""
+  with _LOCK:
+    return _load()
+
+
+@functools.cache
+def _load() -> bool:
   if os.environ.get(_ENV, '1').strip().lower() in ('0', 'false', 'no'):
     return False
   try:

@@ -116,10 +116,10 @@ def test_without_a_compiler_the_plain_path_is_used(monkeypatch, tmp_path):
   monkeypatch.setenv('CXX', os.path.join(str(tmp_path), 'no-such-c++'))
   with pytest.raises(RuntimeError, match='no C\\+\\+ compiler'):
     cpu_kernels.build()
-  assert cpu_kernels.available.__wrapped__() is False
+  assert cpu_kernels._load.__wrapped__() is False
   assert not list(tmp_path.iterdir())
   monkeypatch.setenv('GSAE_JAX_CPU_KERNELS', '0')
-  assert cpu_kernels.available.__wrapped__() is False
+  assert cpu_kernels._load.__wrapped__() is False
 
 
 def test_concurrent_calls_on_several_devices_finish_and_agree():
