@@ -78,7 +78,7 @@ def _cpu_id() -> bytes:
 
 
 def build() -> pathlib.Path:
-  """Compiles cpu_kernels.cc (once per source, jaxlib and flags); its path.
+  """Compiles cpu_kernels.cc (once per source, jaxlib, flags and CPU); its path.
 
   Raises RuntimeError, naming the compiler and its output, if it fails.
   """
