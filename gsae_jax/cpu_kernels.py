@@ -136,13 +136,18 @@ def _load() -> bool:
   return True
 
 
-def _suffix(dtype) -> str:
-  dtype = jnp.dtype(dtype)
-  if dtype == jnp.float32:
-    return 'f32'
-  if dtype == jnp.bfloat16:
-    return 'bf16'
-  raise ValueError(f'no fused CPU kernel for compute dtype {dtype}')
+# compute dtype -> (the kernels' name suffix, how they store it)
+_STORAGE = {
+    jnp.dtype(jnp.float32): ('f32', jnp.float32),
+    jnp.dtype(jnp.bfloat16): ('bf16', jnp.uint16),
+}
+
+
+def _storage(dtype) -> tuple[str, type]:
+  try:
+    return _STORAGE[jnp.dtype(dtype)]
+  except KeyError:
+    raise ValueError(f'no fused CPU kernel for compute dtype {dtype}') from None
 
 
 def _as_storage(a: jax.Array, dtype) -> jax.Array:
@@ -166,7 +171,7 @@ def gated_forward(pre_raw, enc_bias, b_gate, exp_r_mag, b_mag, weights, dtype):
   acts . weights [rows], float32.
   """
   rows, d_sae = pre_raw.shape
-  storage = jnp.uint16 if jnp.dtype(dtype) == jnp.bfloat16 else jnp.float32
+  suffix, storage = _storage(dtype)
   out = (
       jax.ShapeDtypeStruct((rows, d_sae), storage),
       jax.ShapeDtypeStruct((rows, d_sae), storage),
@@ -175,7 +180,7 @@ def gated_forward(pre_raw, enc_bias, b_gate, exp_r_mag, b_mag, weights, dtype):
   )
   vectors = (enc_bias, b_gate, exp_r_mag, b_mag, weights)
   f, acts, fires, penalty = jax.ffi.ffi_call(
-      f'gsae_gated_forward_{_suffix(dtype)}', out, vmap_method='sequential'
+      f'gsae_gated_forward_{suffix}', out, vmap_method='sequential'
   )(pre_raw.astype(jnp.float32), *(v.astype(jnp.float32) for v in vectors))
   return _from_storage(f, dtype), _from_storage(acts, dtype), fires, penalty
 
@@ -189,7 +194,7 @@ def gated_backward(d_f, d_acts, f_all, sae, start, lam, weights, exp_r_mag, dtyp
   the block of f [B, cs] in `dtype`, contiguous.
   """
   batch, cs = d_f.shape
-  storage = jnp.uint16 if jnp.dtype(dtype) == jnp.bfloat16 else jnp.float32
+  suffix, storage = _storage(dtype)
   out = (
       jax.ShapeDtypeStruct((batch, cs), storage),
       jax.ShapeDtypeStruct((cs,), jnp.float32),
@@ -198,7 +203,7 @@ def gated_backward(d_f, d_acts, f_all, sae, start, lam, weights, exp_r_mag, dtyp
   )
   position = jnp.stack([sae, start]).astype(jnp.int32)
   d_pre, b_mag, b_gate, f_block = jax.ffi.ffi_call(
-      f'gsae_gated_backward_{_suffix(dtype)}', out, vmap_method='sequential'
+      f'gsae_gated_backward_{suffix}', out, vmap_method='sequential'
   )(
       d_f.astype(jnp.float32),
       d_acts.astype(jnp.float32),

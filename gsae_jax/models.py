@@ -233,8 +233,9 @@ def stacked_forward(
   on blocks of batch rows, the backward on blocks of latents, each block's
   elementwise work done while its matmul outputs are in cache -- for a gated
   SAE in one pass a block each way, in fused CPU kernels (`cpu_kernels`; plain
-  XLA ops where they cannot build). That is a CPU design: on other backends the same forward is differentiated by JAX
-  (`_autodiff_forward`), which an H200 ran 1.3x faster than the custom VJP.
+  XLA ops where they cannot build). That is a CPU design: on other backends
+  the same forward is differentiated by JAX (`_autodiff_forward`), which an
+  H200 ran 1.3x faster than the custom VJP.
   """
   l1_coeff = jnp.asarray(l1_coeff, jnp.float32)
   if jax.default_backend() != 'cpu':
@@ -422,10 +423,10 @@ def _sae_blocks(block, inputs: dict, in_axes: dict, out_axes: dict, n, length, s
   in_axes[name] = (stack axis or None, blocked axis or None): each input is
   sliced to SAE i (a stack axis of 1 stays) and to the block ((None, None):
   passed whole). block(dict, sae, start) returns a dict; out_axes[name] =
-  (stack axis, blocked axis) places an entry in a full array (N along the stack axis, `length` along the blocked one;
-  a blocked axis of None sums it over each SAE's blocks), None sums it over
-  all blocks. Returns the full arrays, bfloat16 as uint16
-  (`_bits`).
+  (stack axis, blocked axis) places an entry in a full array (N along the
+  stack axis, `length` along the blocked one; a blocked axis of None sums it
+  over each SAE's blocks), None sums it over all blocks. Returns the full
+  arrays, bfloat16 as uint16 (`_bits`).
   """
   per_sae = length // size
   dtypes = {k: v.dtype for k, v in inputs.items()}
@@ -517,10 +518,16 @@ def _stack_forward(spec: SAESpec, latent_sharding, params: Params, x, l1_coeff):
     del sae, start  # a block of rows needs no position
     rows, n_b = b['x'].shape[0], b['w_enc'].shape[0]
     if fused and n_b == 1:  # gates, latents, fires and penalty in one pass
-      pre_raw = _dot(b['x'], b['w_enc'][0], ((1,), (0,)), dtype=cd)
-      vectors = [b[k][0] for k in ('enc_bias', 'b_gate', 'r_mag', 'b_mag', 'weights')]
-      vectors[2] = jnp.exp(vectors[2])
-      f, acts, fires, penalty = cpu_kernels.gated_forward(pre_raw, *vectors, cd)
+      one = {k: v[0] for k, v in b.items() if k != 'x'}
+      f, acts, fires, penalty = cpu_kernels.gated_forward(
+          _dot(b['x'], one['w_enc'], ((1,), (0,)), dtype=cd),
+          one['enc_bias'],
+          one['b_gate'],
+          jnp.exp(one['r_mag']),
+          one['b_mag'],
+          one['weights'],
+          cd,
+      )
       f, acts = f[None], acts[None]
       return {
           'f': f,
@@ -651,7 +658,7 @@ def _stack_backward(spec: SAESpec, latent_sharding, residuals, ct: dict):
   # The fused kernel reads its block of f from the whole array, and hands
   # the decoder-weight product a contiguous copy.
   fused = _fused(spec, latent_sharding, cd) and acts_bits is None and ct['f'] is None
-  add('f_all' if fused else 'f', f_bits, 'whole' if fused else 2)
+  add('f', f_bits, 'whole' if fused else 2)
   add('w_dec', w_dec.astype(cd), 1)
   add('w_enc', w_enc, 2)
   add('lam', lam)
@@ -680,11 +687,11 @@ def _stack_backward(spec: SAESpec, latent_sharding, residuals, ct: dict):
       d_acts = _bmm_nt(b['d_aux'], b['w_dec'], cd)[0]
       vectors = [b[k][0] for k in ('lam', 'weights', 'exp_r_mag')]
       d_pre, b_mag, b_gate, f = cpu_kernels.gated_backward(
-          d_f, d_acts, b['f_all'], sae, start, *vectors, cd
+          d_f, d_acts, b['f'], sae, start, *vectors, cd
       )
       out = {'b_mag': b_mag[None], 'b_gate': b_gate[None]}
       return weight_products(out, d_pre[None], f[None], b)
-    f = _from_bits(b['f'] if 'f' in b else b['f_all'], cd)  # [N', B, cs]
+    f = _from_bits(b['f'], cd)  # [N', B, cs]
     # The penalty's gradient, lam_b weights_i, added where it is used (no
     # matmul column: an odd-sized product costs more than the add).
     d_sp = b['lam'][:, :, None] * b['weights'][:, None, :]
