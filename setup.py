@@ -35,8 +35,6 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["gsae_jax", "gsae_jax.*"]),
-    # The fused CPU kernels' source, compiled on first use (cpu_kernels.py).
-    package_data={"gsae_jax": ["cpu_kernels.cc"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest>=8,<10", "ruff>=0.6,<1", "pyink>=24,<27"],

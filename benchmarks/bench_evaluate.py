@@ -16,7 +16,7 @@ included, LM loading excluded).
 
 Measured on the 2-core development machine while shared with other jobs
 (load average 4-6, so roughly half its speed: activations ran at 779 tok/s
-against the ~1,700 tok/s of SPEC §3), 20,053-20,066 held-out tokens in
+against the ~1,700 tok/s of docs/design.md §3), 20,053-20,066 held-out tokens in
 128-token contexts, batch 8:
   4 random SAEs, d_sae 2304 (this script):   351 s (57 tok/s); one batch:
     activations 1.3 s, CE with the prefix skipped 2.8 s, full-pass CE 4.9 s,
@@ -36,9 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import gsae_jax
-from gsae_jax import api, evaluate, hostmem, models, text
+from gsae_jax import api, evaluate
 from gsae_jax import config as config_lib
 from gsae_jax import lm as lm_lib
+from gsae_jax.data import text
+from gsae_jax.sae import models
 
 SITE = 'blocks.15.hook_resid_post'
 
@@ -100,7 +102,6 @@ def main():
   parser.add_argument('--context_len', type=int, default=128)
   parser.add_argument('--batch_size', type=int, default=8)
   args = parser.parse_args()
-  hostmem.keep_host_memory()  # as the launchers do; before any JAX work
   lm = lm_lib.load()
   if args.workdir:
     saes = gsae_jax.load(args.workdir)

@@ -14,8 +14,8 @@ devices (bfloat16 inputs with float32 accumulation under --dtype bfloat16).
 --full adds the whole model (cross-entropy, as the loss-recovered evaluation
 runs it).
 
-SPEC §3 reference on 2 CPU cores, fp32: ~900 tokens/s through the whole model,
-~1,700 tokens/s stopping after layer 15; SPEC §4: fp32 matmul ~430 GFLOP/s.
+docs/design.md §3 reference on 2 CPU cores, fp32: ~900 tokens/s through the whole model,
+~1,700 tokens/s stopping after layer 15; docs/design.md §4: fp32 matmul ~430 GFLOP/s.
 Times exclude compilation (one warm-up call each) and are the best of
 --repeats calls (the least disturbed by other processes).
 """
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsae_jax import hostmem, lm
+from gsae_jax import lm
 
 
 def _best_time(fn: Callable[[], jax.Array], repeats: int) -> tuple[float, float]:
@@ -79,7 +79,6 @@ def main() -> None:
       "--full", action="store_true", help="also time the whole model (CE)"
   )
   args = parser.parse_args()
-  hostmem.keep_host_memory()  # as the launchers do; before any JAX work
   shapes = _parse_shapes(args.shapes)
 
   start = time.perf_counter()

@@ -31,7 +31,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from gsae_jax import cache as cache_lib
+from gsae_jax.data import cache as cache_lib
 
 _ROWS = flags.DEFINE_integer("rows", 1 << 20, "Activations in the cache.")
 _D_IN = flags.DEFINE_integer("d_in", 512, "Activation width.")

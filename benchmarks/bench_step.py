@@ -1,15 +1,20 @@
-r"""The bare training step against this machine's own matmul ceilings.
+r"""The bare training step, per formulation and dtype, against this machine's ceilings.
 
   python benchmarks/bench_step.py                  # gated, d_in 512, d_sae 4096,
-                                                   # batch 4096; ~2 min on 2 cores
-  python benchmarks/bench_step.py --shape=small --rounds=9
-  python benchmarks/bench_step.py --arch=baseline --no-autodiff
+                                                   # batch 4096; ~3 min on 2 cores
+  python benchmarks/bench_step.py --shape=main     # the main job's groups: 4 SAEs,
+                                                   # d_in 576, d_sae 1152, batch 512
+  python benchmarks/bench_step.py --shape=large --dtypes=bfloat16   # an accelerator's
+  python benchmarks/bench_step.py --arch=baseline --rounds=9
 
-Model FLOPs per step are counted from the shapes, not measured: a step must do
-the products of batch x d_in x d_sae terms that a gated SAE's loss and
-gradient need -- forward: encoder, decoder, auxiliary decoder; backward:
-encoder-weight, decoder-weight, decoder-input and auxiliary-input products --
-each 2 * batch * d_in * d_sae FLOPs, so
+Every (sae.step_impl, sae.compute_dtype) pair is timed: 'autodiff' (the
+reference, gsae_jax/sae/models.py, differentiated by JAX) and 'custom_vjp'
+(gsae_jax/backends/custom_vjp.py), each chosen through the config as a user
+chooses it. Model FLOPs per step are counted from the shapes, not measured: a
+step must do the products of batch x d_in x d_sae terms that a gated SAE's
+loss and gradient need -- forward: encoder, decoder, auxiliary decoder;
+backward: encoder-weight, decoder-weight, decoder-input and auxiliary-input
+products -- each 2 * batch * d_in * d_sae FLOPs, so
 
   FLOPs/step = 14 * batch * d_in * d_sae   (gated; 7 products)
                10 * batch * d_in * d_sae   (baseline; 5 products)
@@ -23,19 +28,11 @@ matmul inputs accumulate in float32, as in the step):
   B: one large square matmul (4096^3);
   and a memcpy (np.copyto of 256 MiB), for scale.
 
-Rounds interleave A, B, the float32 step and the mixed-precision step (and,
-unless --no-autodiff, the step with the plain jax.grad formulation,
-models._autodiff_forward: what the custom VJP replaced on CPU and what other
-backends run; and, for a gated SAE with the fused CPU kernels available,
-the float32 step with its elementwise work as plain XLA ops instead,
-gsae_jax/cpu_kernels.py), so that other load on the machine hits all alike. Each number
-is a median over rounds; each fraction is the median of per-round ratios.
-The step is train.make_train_step as the training loop compiles it (donated
-state, metrics included), fed one device-resident batch. Freed host memory
-is kept mapped, as the launchers keep it (gsae_jax/hostmem.py), so neither
-the step nor the ceilings page-fault their temporaries in anew at each call;
-GSAE_JAX_KEEP_HOST_MEMORY=0 measures glibc's default instead. Writes
-benchmarks/results/bench_step.json.
+Rounds interleave every variant and ceiling, so that other load on the
+machine hits all alike. Each number is a median over rounds; each fraction is
+the median of per-round ratios. The step is train.make_train_step as the
+training loop compiles it (donated state, metrics included), fed one
+device-resident batch. Writes benchmarks/results/bench_step[_<shape>].json.
 """
 
 import argparse
@@ -52,37 +49,37 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import synthetic as synthetic_exp  # noqa: E402
-from gsae_jax import cpu_kernels, hostmem, models, train  # noqa: E402
+from gsae_jax import backends, train  # noqa: E402
+from gsae_jax.sae import models  # noqa: E402
 
-SHAPES = {'small': (64, 256, 1024), 'medium': (512, 4096, 4096)}  # d_in, d_sae, batch
+# d_in, d_sae, batch, SAEs in the stack
+SHAPES = {
+    'small': (64, 256, 1024, 1),
+    'medium': (512, 4096, 4096, 1),
+    'main': (576, 1152, 512, 4),  # README command 1's gated group
+    'large': (2304, 16384, 4096, 1),  # for accelerators
+}
+IMPLS = ('autodiff', 'custom_vjp')
 SQUARE = 4096
 
 
-def _config(arch, d_in, d_sae, batch, compute_dtype):
+def _config(arch, d_in, d_sae, batch, n_sae, compute_dtype, step_impl):
   c = synthetic_exp.get_config()
   c.sae.architecture = arch
   c.sae.d_in, c.sae.d_sae, c.train.batch_size = d_in, d_sae, batch
-  c.sae.compute_dtype = compute_dtype
+  c.sae.compute_dtype, c.sae.step_impl = compute_dtype, step_impl
+  c.stack.l1_coeff = tuple(float(v) for v in np.linspace(0.01, 0.04, n_sae))
   return c
 
 
-def _step_runner(config, x, forward=None, kernels=True):
-  """() -> runs one step (blocking). `forward` replaces stacked_forward;
-  kernels=False compiles it without the fused CPU kernels."""
-  real, real_fused = models.stacked_forward, models._fused
-  if forward is not None:
-    models.stacked_forward = forward
-  if not kernels:
-    models._fused = lambda *args: False
-  try:
-    step = jax.jit(train.make_train_step(config), donate_argnums=0)
-    state = train.init_state(
-        config, train.hparams_from_config(config), train.seeds_from_config(config), 1.0
-    )
-    state, _ = step(state, x)  # compile
-    jax.block_until_ready(state)
-  finally:
-    models.stacked_forward, models._fused = real, real_fused
+def _step_runner(config, x):
+  """() -> runs one step of `config` (blocking), compiled once."""
+  step = jax.jit(train.make_train_step(config), donate_argnums=0)
+  state = train.init_state(
+      config, train.hparams_from_config(config), train.seeds_from_config(config), 1.0
+  )
+  state, _ = step(state, x)  # compile
+  jax.block_until_ready(state)
   box = [state]
 
   def run():
@@ -171,46 +168,40 @@ def main():
   parser.add_argument('--shape', default='medium', choices=sorted(SHAPES))
   parser.add_argument('--arch', default='gated', choices=models.ARCHITECTURES)
   parser.add_argument('--rounds', type=int, default=5)
-  parser.add_argument(
-      '--autodiff',
-      action=argparse.BooleanOptionalAction,
-      default=True,
-      help='also time the step with the plain jax.grad formulation (float32)',
-  )
-  parser.add_argument('--out', default='benchmarks/results/bench_step.json')
+  parser.add_argument('--impls', default=','.join(IMPLS))
+  parser.add_argument('--dtypes', default='float32,bfloat16')
+  parser.add_argument('--out', default=None)
   args = parser.parse_args()
-  kept = hostmem.keep_host_memory()  # as the launchers do; before any JAX work
+  out = args.out or (
+      'benchmarks/results/bench_step.json'
+      if args.shape == 'medium'
+      else f'benchmarks/results/bench_step_{args.shape}.json'
+  )
   t_start = time.perf_counter()
-  d_in, d_sae, batch = SHAPES[args.shape]
+  d_in, d_sae, batch, n_sae = SHAPES[args.shape]
+  impls, dtypes = args.impls.split(','), args.dtypes.split(',')
   n_products = 7 if args.arch == 'gated' else 5
-  flops = n_products * 2 * batch * d_in * d_sae
-  dtypes = ('float32', 'bfloat16')
+  flops = n_sae * n_products * 2 * batch * d_in * d_sae
   load_before = os.getloadavg()
+  backend = jax.default_backend()
   print(
-      f'{_cpu_name()}, {os.cpu_count()} CPUs, jax {jax.__version__}, '
-      f'{jax.devices()[0].platform}; load average {load_before[0]:.2f}'
+      f'{_cpu_name()}, {os.cpu_count()} CPUs, jax {jax.__version__}, {backend} '
+      f'({jax.devices()[0].device_kind}); load average {load_before[0]:.2f}'
   )
   print(
-      f'{args.arch} SAE, d_in {d_in}, d_sae {d_sae}, batch {batch}: model FLOPs/step = '
-      f'{2 * n_products} * batch * d_in * d_sae = {flops / 1e9:.1f} GFLOP'
+      f'{n_sae} {args.arch} SAE(s), d_in {d_in}, d_sae {d_sae}, batch {batch}: model '
+      f'FLOPs/step = {n_sae} * {2 * n_products} * batch * d_in * d_sae = '
+      f'{flops / 1e9:.1f} GFLOP'
   )
   x = jax.random.normal(jax.random.PRNGKey(0), (batch, d_in), jnp.float32)
   runs = {}
   for dt in dtypes:
-    runs[f'A {dt}'] = _ceiling_a(
-        _products(args.arch, d_in, d_sae, batch, jnp.dtype(dt))
-    )
+    prods = _products(args.arch, d_in, d_sae, batch, jnp.dtype(dt)) * n_sae
+    runs[f'A {dt}'] = _ceiling_a(prods)
     runs[f'B {dt}'] = _ceiling_b(jnp.dtype(dt))
-    runs[f'step {dt}'] = _step_runner(_config(args.arch, d_in, d_sae, batch, dt), x)
-  if args.autodiff:
-    runs['step float32 autodiff'] = _step_runner(
-        _config(args.arch, d_in, d_sae, batch, 'float32'), x, models._autodiff_forward
-    )
-  kernels = args.arch == 'gated' and cpu_kernels.available()
-  if kernels:
-    runs['step float32 XLA passes'] = _step_runner(
-        _config(args.arch, d_in, d_sae, batch, 'float32'), x, kernels=False
-    )
+    for impl in impls:
+      config = _config(args.arch, d_in, d_sae, batch, n_sae, dt, impl)
+      runs[f'{impl} {dt}'] = _step_runner(config, x)
   memcpy = []
   times = {k: [] for k in runs}
   for _ in range(args.rounds):
@@ -228,18 +219,14 @@ def main():
     a_rate = flops / med[f'A {dt}']
     b_rate = 2 * SQUARE**3 / med[f'B {dt}']
     print(
-        f'{"ceiling A " + dt:24}{med[f"A {dt}"] * 1e3:9.0f}{"":10}{a_rate / 1e9:9.0f}'
-        f'{1:7.2f}{ratio(f"B {dt}", f"A {dt}") * flops / (2 * SQUARE**3):7.2f}'
+        f'{"ceiling A " + dt:24}{med[f"A {dt}"] * 1e3:9.1f}{"":10}{a_rate / 1e9:9.0f}'
     )
-    print(f'{"ceiling B " + dt:24}{"":9}{"":10}{b_rate / 1e9:9.0f}{"":7}{1:7.2f}')
-    names = [f'step {dt}']
-    if dt == 'float32':
-      names += [
-          n for n in ('step float32 XLA passes', 'step float32 autodiff') if n in runs
-      ]
-    for name in names:
+    print(f'{"ceiling B " + dt:24}{"":9}{"":10}{b_rate / 1e9:9.0f}')
+    for impl in impls:
+      name = f'{impl} {dt}'
       row = {
           'name': name,
+          'step_impl': impl,
           'compute_dtype': dt,
           'ms_per_step': med[name] * 1e3,
           'tokens_per_s': batch / med[name],
@@ -254,53 +241,59 @@ def main():
       }
       rows.append(row)
       print(
-          f'{name:24}{row["ms_per_step"]:9.0f}{row["tokens_per_s"]:10.0f}'
+          f'{"step " + name:24}{row["ms_per_step"]:9.1f}{row["tokens_per_s"]:10.0f}'
           f'{row["flops_per_s"] / 1e9:9.0f}{row["fraction_of_ceiling_a"]:7.2f}'
           f'{row["fraction_of_ceiling_b"]:7.2f}'
       )
-  speedup = ratio('step float32', 'step bfloat16')
-  print(f'\nmixed precision (bfloat16) / float32 step, tokens/s: {speedup:.2f}x')
-  if args.autodiff:
-    print(
-        'custom-VJP step / plain-autodiff step (float32), tokens/s: '
-        f'{ratio("step float32 autodiff", "step float32"):.2f}x'
-    )
-  if kernels:
-    print(
-        'fused CPU kernels / plain XLA passes (float32), tokens/s: '
-        f'{ratio("step float32 XLA passes", "step float32"):.2f}x'
-    )
+  ratios = {}
+  if set(IMPLS) <= set(impls):
+    for dt in dtypes:
+      key = f'custom_vjp / autodiff {dt}'
+      ratios[key] = ratio(f'autodiff {dt}', f'custom_vjp {dt}')
+  if {'float32', 'bfloat16'} <= set(dtypes):
+    for impl in impls:
+      ratios[f'bfloat16 / float32 {impl}'] = ratio(
+          f'{impl} float32', f'{impl} bfloat16'
+      )
+  print()
+  for key, value in ratios.items():
+    print(f'{key}, tokens/s: {value:.2f}x')
   print(
-      f'memcpy {np.median(memcpy) / 1e9:.1f} GB/s copied; load average '
-      f'{load_before[0]:.2f} -> {load_after[0]:.2f}; '
-      f'freed host memory kept mapped: {kept} (gsae_jax.hostmem); '
-      f'fused CPU kernels: {kernels} (gsae_jax.cpu_kernels)'
+      f"sae.step_impl='auto' runs {backends.resolve_step_impl('auto')} on {backend}; "
+      f'memcpy {np.median(memcpy) / 1e9:.1f} GB/s; load average '
+      f'{load_before[0]:.2f} -> {load_after[0]:.2f}'
   )
-  os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-  with open(args.out, 'w') as f:
+  os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+  with open(out, 'w') as f:
     json.dump(
         {
             'machine': {
                 'cpu': _cpu_name(),
                 'cpus': os.cpu_count(),
+                'backend': backend,
+                'device_kind': jax.devices()[0].device_kind,
                 'jax': jax.__version__,
                 'load_average_before': load_before,
                 'load_average_after': load_after,
-                'keep_host_memory': kept,
-                'cpu_kernels': kernels,
             },
-            'shape': {'arch': args.arch, 'd_in': d_in, 'd_sae': d_sae, 'batch': batch},
-            'flops_formula': f'{2 * n_products} * batch * d_in * d_sae',
+            'shape': {
+                'arch': args.arch,
+                'd_in': d_in,
+                'd_sae': d_sae,
+                'batch': batch,
+                'n_sae': n_sae,
+            },
+            'flops_formula': f'{n_sae} * {2 * n_products} * batch * d_in * d_sae',
             'rounds': args.rounds,
             'memcpy_bytes_per_s': float(np.median(memcpy)),
-            'bf16_over_fp32_tokens_per_s': speedup,
+            'ratios': ratios,
             'times_s': times,
             'rows': rows,
         },
         f,
         indent=1,
     )
-  print(f'wrote {args.out}; total runtime {time.perf_counter() - t_start:.0f} s')
+  print(f'wrote {out}; total runtime {time.perf_counter() - t_start:.0f} s')
 
 
 if __name__ == '__main__':

@@ -7,18 +7,7 @@ from gsae_jax.api import SAE, load
 __all__ = ['SAE', 'load']
 __version__ = '0.1.0'
 
-_LAZY_MODULES = (
-    'lm',
-    'cache',
-    'text',
-    'sweep',
-    'train',
-    'models',
-    'evaluate',
-    'export',
-    'plots',
-    'report',
-)
+_LAZY_MODULES = ('backends', 'data', 'evaluate', 'lm', 'sae', 'train')
 
 
 def __getattr__(name):

@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gsae_jax import checkpoints, models
 from gsae_jax import config as config_lib
-from gsae_jax import sweep as sweep_lib
+from gsae_jax.sae import models
+from gsae_jax.train import checkpoints
+from gsae_jax.train import sweep as sweep_lib
 
 
 class SAE:

@@ -1,4 +1,4 @@
-"""Metrics logging (JSONL and TensorBoard), progress lines, periodic work."""
+"""Metrics logging (JSONL and TensorBoard), the progress line, periodic work."""
 
 from __future__ import annotations
 
@@ -6,30 +6,12 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from typing import Any
 
 import numpy as np
 
-
-def atomic_write_text(path: str, text: str) -> None:
-  """Writes `text` to `path` so readers see the old file or the new, never half."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(
-      dir=directory, prefix='.tmp-', suffix=os.path.basename(path)
-  )
-  try:
-    with os.fdopen(fd, 'w') as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+from gsae_jax import files
 
 
 class Every:
@@ -105,7 +87,7 @@ class MetricWriter:
       except (json.JSONDecodeError, KeyError):
         continue  # a line torn by a kill: drop it
     if len(keep) != len(lines):
-      atomic_write_text(self.path, ''.join(keep))
+      files.atomic_write_text(self.path, ''.join(keep))
 
   def close(self) -> None:
     if self._tb is not None:
@@ -122,44 +104,80 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-  """Prints one progress line per logged step: tokens/s and ETA."""
+  """The one progress display: `label: done/total unit (pct) | tok/s | ETA | extra`.
 
-  def __init__(self, num_steps: int, batch_size: int, start_step: int, stream=None):
-    self.num_steps, self.batch_size = num_steps, batch_size
+  Harvest, training and evaluation all report through it, on stderr, from
+  process 0 only. `tokens_per_unit` turns the rate of `unit` into tokens/s
+  (a training step is batch_size tokens). With `first_compiles`, the first
+  update (which includes compilation) restarts the clock and shows
+  'compiling'. Lines come at most every `min_interval` seconds, and always at
+  the end.
+  """
+
+  def __init__(
+      self,
+      label: str,
+      total: int,
+      unit: str = 'tokens',
+      start: int = 0,
+      tokens_per_unit: int = 1,
+      first_compiles: bool = False,
+      min_interval: float = 2.0,
+      enabled: bool = True,
+      stream=None,
+  ):
+    self.label, self.total, self.unit = label, int(total), unit
+    self.tokens_per_unit = tokens_per_unit
+    self.min_interval, self.enabled = min_interval, enabled
     self.stream = stream or sys.stderr
-    self._t0, self._step0 = time.perf_counter(), start_step
-    self._first = True
+    self._compiling = first_compiles
+    self._t0 = self._last = time.perf_counter()
+    self._done0 = start
 
-  def update(self, step: int, metrics: dict) -> None:
+  def update(self, done: int, extra: str = '') -> None:
     now = time.perf_counter()
-    if self._first:
-      # The first interval includes compilation: restart the clock here.
-      self._first = False
-      self._t0, self._step0 = now, step
-      rate = float('nan')
+    if self._compiling:
+      self._compiling = False
+      self._t0, self._done0 = now, done
+      rate = math.nan
+    elif now - self._last < self.min_interval and done < self.total:
+      return
     else:
-      rate = (step - self._step0) / max(now - self._t0, 1e-9)
-    tokens_per_s = rate * self.batch_size
-    eta = (self.num_steps - step) / rate if rate > 0 else float('nan')
-
-    def show(name):
-      v = np.asarray(metrics[name], np.float64).reshape(-1)
-      return f'{v.mean():.4g}' if v.size == 1 else f'{v.min():.3g}..{v.max():.3g}'
-
+      rate = (done - self._done0) / max(now - self._t0, 1e-9)
+    self._last = now
+    if not self.enabled:
+      return
+    eta = (self.total - done) / rate if rate > 0 else math.nan
+    tokens = rate * self.tokens_per_unit
     parts = [
-        f'step {step}/{self.num_steps}',
-        f'{tokens_per_s:,.0f} tok/s' if math.isfinite(tokens_per_s) else 'compiling',
+        f'{self.label}: {done:,}/{self.total:,} {self.unit} '
+        f'({100 * done / max(self.total, 1):.0f}%)',
+        f'{tokens:,.0f} tok/s' if math.isfinite(tokens) else 'compiling',
         f'ETA {format_duration(eta)}',
-        f'loss {show("loss")}',
-        f'L0 {show("l0")}',
-        f'FVU {show("fvu")}',
     ]
-    print(' | '.join(parts), file=self.stream, flush=True)
+    if extra:
+      parts.append(extra)
+    _print(' | '.join(parts), self.stream)
+
+
+def summarize(metrics: dict, names: tuple[str, ...] = ('loss', 'l0', 'fvu')) -> str:
+  """'loss 0.12 | L0 30.1 | FVU 0.05' (a stack's min..max) for a progress line."""
+
+  def show(name):
+    v = np.asarray(metrics[name], np.float64).reshape(-1)
+    return f'{v.mean():.4g}' if v.size == 1 else f'{v.min():.3g}..{v.max():.3g}'
+
+  labels = {'l0': 'L0', 'fvu': 'FVU'}
+  return ' | '.join(f'{labels.get(n, n)} {show(n)}' for n in names if n in metrics)
+
+
+def _print(message: str, stream=None) -> None:
+  import jax  # noqa: PLC0415 (keep this module importable without JAX set up)
+
+  if jax.process_index() == 0:
+    print(message, file=stream or sys.stderr, flush=True)
 
 
 def info(message: str) -> None:
   """A status line for the user on stderr (process 0 only)."""
-  import jax  # noqa: PLC0415 (keep this module importable without JAX set up)
-
-  if jax.process_index() == 0:
-    print(message, file=sys.stderr, flush=True)
+  _print(message)

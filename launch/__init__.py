@@ -1,11 +1,5 @@
-"""absl entrypoints: `python -m launch.<name> --flagfile/--config=...`.
+"""absl entrypoints: `python -m launch.<name> --config=... [--workdir=...]`.
 
-Every entrypoint first keeps freed host memory mapped for reuse (10% faster
-CPU steps; GSAE_JAX_KEEP_HOST_MEMORY=0 opts out). It happens here, on import,
-because it must come before the first JAX computation, and configs are
-loaded while flags are parsed, before any main() runs.
+Each is a few lines over one library call; launch/cli.py holds what they
+share (the one-line handling of bad input).
 """
-
-from gsae_jax import hostmem
-
-hostmem.keep_host_memory()

@@ -11,9 +11,10 @@ LM SAEs are evaluated on the held-out text split (--split) of their harvest
 dataset, synthetic-source SAEs on held-out generator batches.
 """
 
-from absl import app, flags, logging
+from absl import flags
 
 from gsae_jax import evaluate
+from launch import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A run or sweep directory.')
 _NUM_TOKENS = flags.DEFINE_integer('num_tokens', 20_000, 'Tokens to evaluate on.')
@@ -33,11 +34,7 @@ _REPORT_LATENTS = flags.DEFINE_integer(
 flags.mark_flags_as_required(['workdir'])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO.
+def main():
   results = evaluate.evaluate_workdir(
       _WORKDIR.value,
       out_dir=_OUT.value,
@@ -54,4 +51,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -11,9 +11,10 @@ folded in). --format=jumprelu writes gated SAEs as SAELens JumpReLU SAEs (the
 exact equivalent, [P App. E]) and skips baseline ones.
 """
 
-from absl import app, flags, logging
+from absl import flags
 
-from gsae_jax import export
+from gsae_jax.evaluate import export
+from launch import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A run or sweep directory.')
 _FORMAT = flags.DEFINE_enum('format', 'saelens', list(export.FORMATS), 'Output format.')
@@ -23,11 +24,7 @@ _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
 flags.mark_flags_as_required(['workdir', 'out'])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
+def main():
   paths = export.export_workdir(
       _WORKDIR.value, _OUT.value, _FORMAT.value, index=_INDEX.value, step=_STEP.value
   )
@@ -36,4 +33,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -5,10 +5,11 @@ r"""Harvests LM activations into a sharded cache; re-running resumes it.
       --config.harvest.site=blocks.10.hook_mlp_out --config.data.cache_dir=cache/l10
 """
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from gsae_jax import harvest
+from gsae_jax.data import harvest
+from launch import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (path[:arg]).', lock_config=True
@@ -19,11 +20,7 @@ _CACHE_DIR = flags.DEFINE_string(
 flags.mark_flags_as_required(['config'])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
+def main():
   manifest = harvest.harvest(_CONFIG.value, _CACHE_DIR.value)
   print(
       f'cache: {manifest["count"]:,} activations of {manifest["model"]} at '
@@ -33,4 +30,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -10,13 +10,15 @@ results.md.
 """
 
 import os
-import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from gsae_jax import evaluate, harvest, logs, sweep, train
+from gsae_jax import evaluate, files, logs
+from gsae_jax.data import harvest
+from gsae_jax.train import sweep
+from launch import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (path[:arg]).', lock_config=True
@@ -25,11 +27,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (created; resu
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
+def main():
   config, workdir = _CONFIG.value, _WORKDIR.value
   sweep.plan(config)  # every config error before any work
   times = {}
@@ -40,11 +38,7 @@ def main(argv):
     times['harvest'] = time.perf_counter() - t
   logs.info(f'== sweep -> {workdir}')
   t = time.perf_counter()
-  try:
-    sweep.run(config, workdir)
-  except train.Preempted as e:
-    print(f'{e}', file=sys.stderr)
-    sys.exit(train.EXIT_RESUME)
+  sweep.run(config, workdir)
   times['sweep'] = time.perf_counter() - t
   logs.info('== evaluate on held-out data')
   t = time.perf_counter()
@@ -54,7 +48,7 @@ def main(argv):
   times['evaluate'] = time.perf_counter() - t
   table = evaluate.format_table(results)
   timing = ', '.join(f'{k} {v / 60:.1f} min' for k, v in times.items())
-  logs.atomic_write_text(
+  files.atomic_write_text(
       os.path.join(workdir, 'results.md'),
       f'# Results\n\n{table}\n\nStages: {timing}.\n',
   )
@@ -63,4 +57,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

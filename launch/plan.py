@@ -10,9 +10,10 @@ All numbers are computed (gsae_jax.planner), not measured.
 
 import itertools
 
-from absl import app, flags
+from absl import flags
 
-from gsae_jax import planner
+from gsae_jax.train import planner
+from launch import cli
 
 _D_IN = flags.DEFINE_integer('d_in', 4096, 'SAE input width.')
 _D_SAE = flags.DEFINE_integer('d_sae', 1 << 20, 'SAE latents.')
@@ -39,8 +40,16 @@ def _meshes(n: int):
         yield (dp, mp, sp)
 
 
-def main(argv):
-  del argv
+def main():
+  for flag in (_D_IN, _D_SAE, _BATCH, _N_SAE, _DEVICES):
+    if flag.value <= 0:
+      raise ValueError(f'--{flag.name}: must be > 0, got {flag.value}')
+  if _MESH.value:
+    mesh = _MESH.value.split(',')
+    if len(mesh) != 3 or not all(v.isdigit() and int(v) > 0 for v in mesh):
+      raise ValueError(
+          f'--mesh: expected data,model,sweep sizes > 0, got {_MESH.value!r}'
+      )
   peak = planner.CHIPS[_CHIP.value][0 if _DTYPE.value == 'bfloat16' else 1]
   cb = 2 if _DTYPE.value == 'bfloat16' else 4
   device_bytes = _DEVICE_GIB.value * 2**30
@@ -71,4 +80,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -10,10 +10,11 @@ groups resume from their checkpoints.
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from gsae_jax import parallel, sweep, train
+from gsae_jax.train import placement, sweep
+from launch import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (path[:arg]).', lock_config=True
@@ -35,11 +36,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
+def main():
   config, workdir = _CONFIG.value, _WORKDIR.value
   if _CLUSTER.value:
     config_arg = flags.FLAGS['config'].serialize().split('=', 1)[1]
@@ -51,15 +48,11 @@ def main(argv):
     print(sweep.describe(config, workdir))
     return
   if _DISTRIBUTED.value:
-    parallel.initialize_distributed(None, None, None)
-  try:
-    rows = sweep.run(config, workdir, only=tuple(_GROUP.value))
-  except train.Preempted as e:
-    print(f'{e} (the sweep index is up to date)', file=sys.stderr)
-    sys.exit(train.EXIT_RESUME)
+    placement.initialize_distributed(None, None, None)
+  rows = sweep.run(config, workdir, only=tuple(_GROUP.value))
   done = sum(r['status'] == 'done' for r in rows)
   print(f'{done}/{len(rows)} SAEs done; index: {workdir}/{sweep.INDEX_CSV}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -3,12 +3,12 @@ r"""Trains one run (a stack of SAEs) from a config; re-running resumes it.
 python -m launch.train --config=experiments/synthetic.py --workdir=runs/syn
 """
 
-import sys
-
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from gsae_jax import parallel, train
+from gsae_jax import train
+from gsae_jax.train import placement
+from launch import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (path[:arg]).', lock_config=True
@@ -27,21 +27,13 @@ _DISTRIBUTED = flags.DEFINE_bool(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO.
+def main():
   if _COORDINATOR.value or _DISTRIBUTED.value:
-    parallel.initialize_distributed(
+    placement.initialize_distributed(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
     )
-  try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except train.Preempted as e:
-    print(e, file=sys.stderr)
-    sys.exit(train.EXIT_RESUME)
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

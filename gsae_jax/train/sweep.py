@@ -1,0 +1,302 @@
+"""Sweeps: a grid of SAEs split into groups that each train as one program.
+
+A grid point sets any of architecture, d_sae, l1_coeff, lr, warm-up lengths and
+seed (config.sweep). Points with the same architecture and d_sae form a group:
+one stacked run (config.stack holds its per-SAE values) trained by one jitted
+step in its own workdir, <sweep>/groups/<name>. The sweep index,
+<sweep>/sweep.json and sweep.csv, has one row per SAE (its values, group,
+position in the stack, checkpoint directory, status and final metrics), and is
+rewritten atomically after every group, so an interrupted sweep resumes: done
+groups are skipped, interrupted ones resume from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+import os
+
+import ml_collections
+import numpy as np
+
+from gsae_jax import config as config_lib
+from gsae_jax import files, logs
+from gsae_jax.data import sources
+from gsae_jax.train import checkpoints, planner
+
+# The grid axes, in the order points are enumerated (the last varies fastest).
+GRID_FIELDS = ('architecture', 'd_sae') + config_lib.STACK_FIELDS
+INDEX_JSON, INDEX_CSV = 'sweep.json', 'sweep.csv'
+
+
+@dataclasses.dataclass
+class Group:
+  """SAEs sharing one compiled program: same architecture and d_sae."""
+
+  name: str
+  config: ml_collections.ConfigDict  # a standalone run config with .stack set
+  members: list[dict]  # the grid points, in stack order, with 'index'
+
+  @property
+  def size(self) -> int:
+    return len(self.members)
+
+
+def expand(config: ml_collections.ConfigDict) -> list[dict]:
+  """The grid points: one dict of GRID_FIELDS values per SAE, in index order."""
+  axes = [
+      tuple(config.sweep[n]) or (config_lib.base_value(config, n),) for n in GRID_FIELDS
+  ]
+  points = []
+  for i, values in enumerate(itertools.product(*axes)):
+    point = dict(zip(GRID_FIELDS, values, strict=True))
+    if point['architecture'] == 'baseline':
+      point['d_sae'] = int(round(point['d_sae'] * config.sweep.baseline_width_factor))
+    point['index'] = i
+    points.append(point)
+  return points
+
+
+def plan(config: ml_collections.ConfigDict) -> list[Group]:
+  """The sweep's groups, each a run config whose stack holds its SAEs."""
+  config_lib.validate(config)
+  by_shape: dict[tuple[str, int], list[dict]] = {}
+  for point in expand(config):
+    by_shape.setdefault((point['architecture'], point['d_sae']), []).append(point)
+  groups = []
+  for (arch, d_sae), members in by_shape.items():
+    c = copy.deepcopy(config)
+    with c.unlocked():
+      c.sae.architecture, c.sae.d_sae = arch, d_sae
+      for name in ('architecture', 'd_sae') + config_lib.STACK_FIELDS:
+        c.sweep[name] = ()
+      for name in config_lib.STACK_FIELDS:
+        c.stack[name] = tuple(m[name] for m in members)
+    groups.append(Group(f'{arch}_d{d_sae}', c, members))
+  return groups
+
+
+def group_workdir(workdir: str, group: Group | str) -> str:
+  name = group if isinstance(group, str) else group.name
+  return os.path.join(workdir, 'groups', name)
+
+
+def memory_estimate(
+    config: ml_collections.ConfigDict, n_sae: int, n_devices: int | None = None
+) -> planner.Plan:
+  """Bytes per device of a group's stacked run on the config's mesh."""
+  from gsae_jax.train import placement  # noqa: PLC0415
+
+  if n_devices is None:
+    import jax  # noqa: PLC0415
+
+    n_devices = jax.device_count()
+  mesh = placement.mesh_shape(config, n_devices)
+  return planner.plan(
+      config.sae.d_in,
+      config.sae.d_sae,
+      config.train.batch_size,
+      n_sae,
+      mesh,
+      config.sae.architecture,
+      2 if config.sae.compute_dtype == 'bfloat16' else 4,
+  )
+
+
+def describe(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The plan as text: groups, their SAEs and memory, and what is done."""
+  groups = plan(config)
+  lines = [
+      f'sweep of {sum(g.size for g in groups)} SAEs in {len(groups)} group(s) '
+      f'-> {workdir}'
+  ]
+  for g in groups:
+    mem = memory_estimate(g.config, g.size)
+    status = 'done' if is_done(g, workdir) else 'to train'
+    fmt = planner.format_bytes
+    lines.append(
+        f'  {g.name}: {g.size} SAEs (indices {g.members[0]["index"]}..'
+        f'{g.members[-1]["index"]}), d_in {g.config.sae.d_in}, '
+        f'{g.config.train.num_steps} steps, ~{fmt(mem.total)} per device '
+        f'(params {fmt(mem.params)}, Adam {fmt(mem.adam)}, activations '
+        f'{fmt(mem.activations)}), {mem.flops_per_step / 1e9:.1f} GFLOP/step '
+        f'[{status}]'
+    )
+    for m in g.members:
+      varied = ', '.join(
+          f'{k}={m[k]}' for k in config_lib.STACK_FIELDS if config.sweep[k]
+      )
+      lines.append(f'    #{m["index"]}: {varied or "(base values)"}')
+  return '\n'.join(lines)
+
+
+def is_done(group: Group, workdir: str) -> bool:
+  gdir = group_workdir(workdir, group)
+  done = checkpoints.steps(gdir) if os.path.isdir(gdir) else []
+  return bool(done) and done[-1] >= int(group.config.train.num_steps)
+
+
+def _final_metrics(gdir: str, position: int) -> dict:
+  path = os.path.join(gdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    lines = [ln for ln in f if ln.strip()]
+  if not lines:
+    return {}
+  record = json.loads(lines[-1])
+  out = {'final_step': record['step']}
+  for k, v in record.items():
+    if isinstance(v, list) and len(v) > position:
+      out[k] = v[position]
+  return out
+
+
+def index_rows(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """The sweep index as it stands on disk: one row per SAE."""
+  rows = []
+  for g in plan(config):
+    gdir = group_workdir(workdir, g)
+    done = is_done(g, workdir)
+    started = os.path.isdir(gdir) and bool(checkpoints.steps(gdir))
+    for position, m in enumerate(g.members):
+      row = {
+          'index': m['index'],
+          'group': g.name,
+          'position': position,
+          **{k: m[k] for k in GRID_FIELDS},
+          'workdir': os.path.relpath(gdir, workdir),
+          'status': 'done' if done else ('partial' if started else 'pending'),
+      }
+      if started:
+        row.update(
+            {f'metric_{k}': v for k, v in _final_metrics(gdir, position).items()}
+        )
+      rows.append(row)
+  return rows
+
+
+def write_index(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Rewrites sweep.json (with the sweep config) and sweep.csv atomically.
+
+  Only process 0 writes; every process gets the rows.
+  """
+  import jax  # noqa: PLC0415
+
+  rows = index_rows(config, workdir)
+  if jax.process_index() != 0:
+    return rows
+  path = os.path.join(workdir, INDEX_JSON)
+  if os.path.exists(path):  # keep what launch.evaluate merged in
+    with open(path) as f:
+      previous = {r['index']: r for r in json.load(f)['rows']}
+    for row in rows:
+      old = previous.get(row['index'], {})
+      row.update({k: v for k, v in old.items() if k.startswith('eval_')})
+  doc = {'config': config.to_dict(), 'rows': rows}
+  files.atomic_write_json(os.path.join(workdir, INDEX_JSON), doc, default=_jsonable)
+  files.atomic_write_csv(os.path.join(workdir, INDEX_CSV), rows)
+  return rows
+
+
+def _jsonable(v):
+  if isinstance(v, np.generic):
+    return v.item()
+  raise TypeError(f'not JSON serialisable: {v!r}')
+
+
+def read_index(workdir: str) -> dict:
+  """{'config': ConfigDict, 'rows': [...]} of a sweep directory."""
+  path = os.path.join(workdir, INDEX_JSON)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{workdir} is not a sweep directory (no {INDEX_JSON})')
+  with open(path) as f:
+    doc = json.load(f)
+  doc['config'] = config_lib.with_defaults(doc['config'])
+  return doc
+
+
+def check_sweep_dir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a sweep directory that holds another sweep's config."""
+  path = os.path.join(workdir, INDEX_JSON)
+  if not os.path.exists(path):
+    return
+  stored = read_index(workdir)['config']
+  diffs = config_lib.incompatible_fields(stored, config)
+  if diffs:
+    raise ValueError(
+        f'sweep directory {workdir} holds another sweep; differing fields:\n  '
+        + '\n  '.join(diffs)
+    )
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    only: tuple[str, ...] = (),
+    train_fn=None,
+) -> list[dict]:
+  """Trains every group not yet done (or just the groups named in `only`).
+
+  Returns the final sweep index rows.
+  """
+  from gsae_jax import train  # noqa: PLC0415 (train imports this module's users)
+
+  train_fn = train_fn or train.train_and_evaluate
+  groups = plan(config)
+  names = [g.name for g in groups]
+  for name in only:
+    if name not in names:
+      raise ValueError(f'--group {name!r} is not in this sweep; groups: {names}')
+  check_sweep_dir(config, workdir)
+  sources.check_source(config)  # every group reads the same data
+  os.makedirs(workdir, exist_ok=True)
+  write_index(config, workdir)
+  for g in groups:
+    if only and g.name not in only:
+      continue
+    if is_done(g, workdir):
+      logs.info(f'group {g.name}: done, skipped')
+      continue
+    logs.info(f'group {g.name}: training {g.size} SAEs in one program')
+    try:
+      train_fn(g.config, group_workdir(workdir, g))
+    finally:
+      write_index(config, workdir)
+  return write_index(config, workdir)
+
+
+def cluster_commands(
+    config_arg: str, workdir: str, config: ml_collections.ConfigDict, kind: str
+) -> str:
+  """Per-job shell commands: one group per job, all in one sweep workdir.
+
+  kind 'slurm': an sbatch array script; 'tpu': one gcloud command per group
+  (each a multi-host job over the pod slice's workers).
+  """
+  groups = plan(config)
+  cmd = f'python -m launch.sweep --config={config_arg} --workdir={workdir}'
+  if kind == 'slurm':
+    names = ' '.join(g.name for g in groups)
+    return '\n'.join(
+        [
+            '#!/bin/bash',
+            f'#SBATCH --array=0-{len(groups) - 1}',
+            '#SBATCH --job-name=gsae_sweep',
+            f'GROUPS=({names})',
+            f'{cmd} --group="${{GROUPS[$SLURM_ARRAY_TASK_ID]}}"',
+            '',
+        ]
+    )
+  if kind == 'tpu':
+    return (
+        '\n'.join(
+            f'gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all '
+            f"--command='cd gsae_jax && {cmd} --distributed --group={g.name}'"
+            for g in groups
+        )
+        + '\n'
+    )
+  raise ValueError(f'cluster kind {kind!r} is not one of slurm, tpu')
