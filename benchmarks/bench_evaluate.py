@@ -14,17 +14,7 @@ runs only the layers after the site; the same CE as a full forward pass, for
 comparison; one SAE step) and then times `evaluate` end to end (compilation
 included, LM loading excluded).
 
-Measured on the 2-core development machine while shared with other jobs
-(load average 4-6, so roughly half its speed: activations ran at 779 tok/s
-against the ~1,700 tok/s of docs/design.md §3), 20,053-20,066 held-out tokens in
-128-token contexts, batch 8:
-  4 random SAEs, d_sae 2304 (this script):   351 s (57 tok/s); one batch:
-    activations 1.3 s, CE with the prefix skipped 2.8 s, full-pass CE 4.9 s,
-    SAE step 0.13 s
-  4 trained SAEs, d_sae 1024, `python -m launch.evaluate` (LM loading, plots
-    and reports included): 336 s; 447 s before the CE runs skipped the
-    layers before the site.
-On an idle machine expect about half: ~2.5-3 minutes.
+Results: docs/benchmarks.md, "Evaluation".
 """
 
 import argparse
@@ -39,6 +29,7 @@ import gsae_jax
 from gsae_jax import api, evaluate
 from gsae_jax import config as config_lib
 from gsae_jax import lm as lm_lib
+from gsae_jax.backends import hostmem
 from gsae_jax.data import text
 from gsae_jax.sae import models
 
@@ -102,6 +93,7 @@ def main():
   parser.add_argument('--context_len', type=int, default=128)
   parser.add_argument('--batch_size', type=int, default=8)
   args = parser.parse_args()
+  hostmem.keep_host_memory_on_cpu()  # as the launchers do; before any JAX work
   lm = lm_lib.load()
   if args.workdir:
     saes = gsae_jax.load(args.workdir)

@@ -14,7 +14,7 @@ devices (bfloat16 inputs with float32 accumulation under --dtype bfloat16).
 --full adds the whole model (cross-entropy, as the loss-recovered evaluation
 runs it).
 
-docs/design.md §3 reference on 2 CPU cores, fp32: ~900 tokens/s through the whole model,
+docs/design.md §4 reference on 2 CPU cores, fp32: ~900 tokens/s through the whole model,
 ~1,700 tokens/s stopping after layer 15; docs/design.md §4: fp32 matmul ~430 GFLOP/s.
 Times exclude compilation (one warm-up call each) and are the best of
 --repeats calls (the least disturbed by other processes).
@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gsae_jax import lm
+from gsae_jax.backends import hostmem
 
 
 def _best_time(fn: Callable[[], jax.Array], repeats: int) -> tuple[float, float]:
@@ -79,6 +80,7 @@ def main() -> None:
       "--full", action="store_true", help="also time the whole model (CE)"
   )
   args = parser.parse_args()
+  hostmem.keep_host_memory_on_cpu()  # as the launchers do; before any JAX work
   shapes = _parse_shapes(args.shapes)
 
   start = time.perf_counter()

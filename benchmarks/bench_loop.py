@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import synthetic as synthetic_exp  # noqa: E402
 from gsae_jax import config as config_lib  # noqa: E402
 from gsae_jax import logs, train  # noqa: E402
+from gsae_jax.backends import hostmem  # noqa: E402
 from gsae_jax.data import cache as cache_lib  # noqa: E402
 
 SHAPES = {'small': (64, 256, 1024), 'medium': (512, 4096, 4096)}  # d_in, d_sae, batch
@@ -170,6 +171,7 @@ def main():
   parser.add_argument('--shuffle_buffer', type=int, default=1 << 17)
   parser.add_argument('--out', default='benchmarks/results/bench_loop.json')
   args = parser.parse_args()
+  hostmem.keep_host_memory_on_cpu()  # as the launchers do; before any JAX work
   t_start = time.perf_counter()
   d_in, d_sae, batch = SHAPES[args.shape]
   timed = args.steps - args.log_every  # the intervals between log points

@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from gsae_jax.backends import hostmem  # noqa: E402
 
 BATCH, D_IN, D_SAE = 4096, 512, 4096
 
@@ -51,6 +52,7 @@ def main():
   parser.add_argument('--rounds', type=int, default=7)
   parser.add_argument('--out', default='benchmarks/results/bench_sparse_decode.json')
   args = parser.parse_args()
+  hostmem.keep_host_memory_on_cpu()  # as the launchers do; before any JAX work
   w_dec = jax.random.normal(jax.random.PRNGKey(0), (D_SAE, D_IN))
   dense = jax.jit(lambda f, w: f @ w)
   gather = jax.jit(_gather_decode)

@@ -50,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import synthetic as synthetic_exp  # noqa: E402
 from gsae_jax import backends, train  # noqa: E402
+from gsae_jax.backends import hostmem  # noqa: E402
 from gsae_jax.sae import models  # noqa: E402
 
 # d_in, d_sae, batch, SAEs in the stack
@@ -172,6 +173,7 @@ def main():
   parser.add_argument('--dtypes', default='float32,bfloat16')
   parser.add_argument('--out', default=None)
   args = parser.parse_args()
+  hostmem.keep_host_memory_on_cpu()  # as the launchers do; before any JAX work
   out = args.out or (
       'benchmarks/results/bench_step.json'
       if args.shape == 'medium'

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import synthetic as synthetic_exp  # noqa: E402
 from gsae_jax import train  # noqa: E402
+from gsae_jax.backends import hostmem  # noqa: E402
 
 SHAPES = {'small': (64, 256, 1024), 'medium': (512, 4096, 4096)}
 
@@ -73,6 +74,7 @@ def main():
   parser.add_argument('--data_ms', type=float, default=0.0)
   parser.add_argument('--out', default='benchmarks/results/bench_sweep.json')
   args = parser.parse_args()
+  hostmem.keep_host_memory_on_cpu()  # as the launchers do; before any JAX work
   ceiling = _matmul_ceiling()
   print(f'devices: {jax.devices()}  fp32 matmul ceiling {ceiling / 1e9:.0f} GFLOP/s')
   print(f'data cost per batch read: {args.data_ms} ms')

@@ -1,5 +1,8 @@
 """What every launcher shares: absl's app.run behind a bad-input boundary.
 
+On the CPU backend the launchers first keep freed host memory mapped for
+reuse (gsae_jax/backends/hostmem.py; GSAE_JAX_KEEP_HOST_MEMORY=0 opts out).
+
 A bad input (a config value, a missing directory, a cache of another model)
 ends the command with ONE line on stderr, `error: <what, where, what to do>`,
 and exit status 2; --verbosity=1 (or higher) shows the traceback instead. A
@@ -15,6 +18,7 @@ from collections.abc import Callable
 from absl import app, flags, logging
 
 from gsae_jax import train
+from gsae_jax.backends import hostmem
 
 # What a user can fix by changing the command: the library raises these (and
 # subclasses, such as cache.CacheError) with a message naming the field or path.
@@ -53,4 +57,5 @@ def run(main: Callable[[], None]) -> None:
       print(f'error: {_one_line(e)}', file=sys.stderr)
       sys.exit(EXIT_BAD_INPUT)
 
+  hostmem.keep_host_memory_on_cpu()  # before any JAX computation
   app.run(wrapped)

@@ -11,9 +11,16 @@ is chosen explicitly by `config.sae.step_impl`:
                 choice docs/benchmarks.md measured ("Choosing step_impl").
 
 This is the one place that looks at jax.default_backend() to pick a step.
+`sae.compute_dtype` stays float32 by default on every backend:
+bfloat16 matmuls are about 2x float32 on accelerators and on CPUs with
+bfloat16 units, but slower on CPUs without them (docs/benchmarks.md); the
+training loop says so when bfloat16 is asked for on such a CPU
+(`slow_dtype_warning`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 
@@ -43,3 +50,32 @@ def stacked_forward(
   if resolve_step_impl(spec.step_impl) == 'custom_vjp':
     return custom_vjp.stacked_forward(spec, params, x, l1_coeff, latent_sharding)
   return models.stacked_forward(spec, params, x, l1_coeff, latent_sharding)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bfloat16_units() -> bool | None:
+  """Whether this CPU multiplies bfloat16 natively (AVX512-BF16, AMX-BF16 or
+  Arm's BF16); None if /proc/cpuinfo cannot tell."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      text = f.read()
+  except OSError:
+    return None
+  flags = set()
+  for line in text.splitlines():
+    if line.startswith(('flags', 'Features')):
+      flags.update(line.split(':', 1)[1].split())
+  return bool(flags & {'avx512_bf16', 'amx_bf16', 'bf16'})
+
+
+def slow_dtype_warning(spec: models.SAESpec) -> str | None:
+  """A one-line warning when spec.compute_dtype is likely slower than float32."""
+  if spec.compute_dtype != 'bfloat16' or jax.default_backend() != 'cpu':
+    return None
+  if cpu_has_bfloat16_units() is False:
+    return (
+        'WARNING: sae.compute_dtype=bfloat16 on a CPU without bfloat16 units '
+        '(no avx512_bf16/amx_bf16/bf16 in /proc/cpuinfo): expect it slower '
+        'than float32'
+    )
+  return None

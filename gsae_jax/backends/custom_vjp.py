@@ -61,10 +61,8 @@ def _stack(spec: SAESpec, latent_sharding, blocks: int, params: Params, x, l1_co
 
 
 # Blocks hold about this many [batch, d_sae] elements (16 MiB in float32):
-# at batch 4096, d_sae 4096, 1024 rows forward and 1024 latents backward.
-# Larger blocks keep the products nearer their full-size speed; in timings
-# on 2 cores (benchmarks/bench_step.py), 1024-blocks beat 512 by 1-3 points
-# of ceiling A, and 2048 gained nothing more.
+# at batch 4096, d_sae 4096, 1024 rows forward and 1024 latents backward
+# (the block sizes measured: docs/benchmarks.md, "The custom VJP").
 BLOCK_ELEMENTS = 1 << 22
 
 
@@ -133,8 +131,7 @@ def _transposed(a: jax.Array, dtype, row: jax.Array | None = None) -> jax.Array:
   layout copy, which XLA's transpose emitter does at memory speed. A row
   rides along as one more row of the product (a ones row sums the other
   operand over the batch), but costs a slower copy: XLA fuses the transpose
-  into the concatenation, which reads `a` column by column (at k = 512,
-  float32: 5.7 vs 0.9 ms for [4096, 512]).
+  into the concatenation, which reads `a` column by column (docs/benchmarks.md).
   """
   a_t = jax.lax.optimization_barrier(jnp.swapaxes(a, -1, -2).astype(dtype))
   if row is None:
@@ -263,8 +260,7 @@ def _stack_forward(
     pre = _constrain(pre, latent_sharding)
     col = lambda name: b[name][:, None, :]  # [N', 1, S]
     # sum_i a_i weights_i [N', rows]: a mat-vec on the decoder's input as it
-    # lies in memory, not a 513th decoder column (an odd-sized product runs
-    # ~3 ms a block slower).
+    # lies in memory, not a 513th decoder column (odd-sized products are slower).
     penalty = lambda a: _dot(a, b['weights'], ((2,), (1,)), ((0,), (0,)), cd)
     if gated:
       pi_gate = pre + col('b_gate')
@@ -288,8 +284,8 @@ def _stack_forward(
     # How many rows each latent fires on: the metrics' L0 and the dead-latent
     # counters, counted while f is in cache.
     # The 0/1 indicator is summed from bfloat16 (exact; accumulated in
-    # float32): the reduction does not fuse with its producer, and half the
-    # bytes written and read make it ~2 ms a block faster.
+    # float32): the reduction does not fuse with its producer, so half the
+    # bytes written and read make it faster.
     out['fires'] = jnp.sum((f > 0).astype(jnp.bfloat16), axis=1, dtype=jnp.float32)
     return out
 

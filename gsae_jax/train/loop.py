@@ -19,8 +19,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from gsae_jax import backends, files, logs
 from gsae_jax import config as config_lib
-from gsae_jax import files, logs
 from gsae_jax.data import sources
 from gsae_jax.sae import models
 from gsae_jax.train import checkpoints, placement
@@ -90,6 +90,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     raise
   _record_config(config, workdir)
   manager = checkpoints.Manager(workdir, config)
+  warning = backends.slow_dtype_warning(spec)
+  if warning:
+    logs.info(warning)
 
   restored = manager.restore_latest(place.abstract(abstract))
   if restored is not None:

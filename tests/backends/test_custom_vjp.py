@@ -180,3 +180,14 @@ def test_bfloat16_loss_curve_tracks_float32(tmp_path, impl):
           b[key], a[key], rtol=0.01, err_msg=f"{key} @ {a['step']}"
       )
   assert f32[-1]['loss'][0] < 0.5 * f32[0]['loss'][0]  # it did learn
+
+
+def test_step_impl_auto_resolves_by_backend_and_rejects_unknown():
+  from gsae_jax import backends  # noqa: PLC0415
+
+  assert backends.resolve_step_impl('auto', 'cpu') == 'custom_vjp'
+  assert backends.resolve_step_impl('auto', 'gpu') == 'autodiff'
+  assert backends.resolve_step_impl('auto', 'tpu') == 'autodiff'
+  assert backends.resolve_step_impl('autodiff', 'cpu') == 'autodiff'
+  with pytest.raises(ValueError, match=r'config\.sae\.step_impl'):
+    backends.resolve_step_impl('fused', 'cpu')
