@@ -56,6 +56,7 @@ from gsae_jax.sae import models  # noqa: E402
 # d_in, d_sae, batch, SAEs in the stack
 SHAPES = {
     'small': (64, 256, 1024, 1),
+    'synthetic': (64, 512, 2048, 1),  # experiments/synthetic.py
     'medium': (512, 4096, 4096, 1),
     'main': (576, 1152, 512, 4),  # README command 1's gated group
     'large': (2304, 16384, 4096, 1),  # for accelerators

@@ -1,5 +1,6 @@
 """The config schema: defaults, options, validation, and its generated docs."""
 
+import json
 import os
 
 import pytest
@@ -71,3 +72,10 @@ def test_base_and_stack_values():
   assert config_lib.stack_size(c) == 2
   assert config_lib.stack_values(c, 'lr') == (c.train.lr,) * 2
   assert config_lib.stack_values(c, 'seed') == (3, 4)
+
+
+def test_config_round_trips_through_json():
+  c = synthetic.get_config()
+  back = config_lib.from_json(config_lib.to_json(c))
+  assert config_lib.incompatible_fields(c, back) == []
+  assert json.loads(config_lib.to_json(back)) == json.loads(config_lib.to_json(c))

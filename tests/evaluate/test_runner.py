@@ -1,124 +1,22 @@
-"""Evaluation metrics, LM splicing, plots, reports and export (SAELens, JumpReLU)."""
+"""evaluate/runner.py: splicing SAEs into the real LM, reports, and the CLI."""
 
 import json
 import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fake_saes import SITE, random_sae, scaled_identity_sae
 
 import gsae_jax
 from experiments import synthetic as synthetic_exp
-from gsae_jax import api, evaluate
-from gsae_jax import config as config_lib
+from gsae_jax import evaluate
 from gsae_jax.evaluate import export, plots, report
-from gsae_jax.sae import models
 from gsae_jax.train import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SITE = 'blocks.15.hook_resid_post'
-
-
-def lm_config(architecture, d_in, d_sae):
-  c = config_lib.default_config()
-  c.data.source = 'cache'
-  c.sae.architecture, c.sae.d_in, c.sae.d_sae = architecture, d_in, d_sae
-  c.harvest.site = SITE
-  c.harvest.context_len = 16
-  c.harvest.lm_batch_size = 2
-  return c
-
-
-def scaled_identity_sae(d_in, scale, index=0):
-  """A baseline SAE with x_hat = scale * x exactly: W_enc = [I, -I] and
-  W_dec = scale [I; -I], so ReLU(x) - ReLU(-x) = x."""
-  eye = np.eye(d_in, dtype=np.float32)
-  params = {
-      'W_enc': np.concatenate([eye, -eye], axis=1),
-      'b_enc': np.zeros(2 * d_in, np.float32),
-      'W_dec': np.float32(scale) * np.concatenate([eye, -eye], axis=0),
-      'b_dec': np.zeros(d_in, np.float32),
-  }
-  return api.SAE(lm_config('baseline', d_in, 2 * d_in), params, index=index)
-
-
-def random_sae(architecture, d_in=16, d_sae=32, seed=0):
-  """An SAE with random weights (gated: thresholds of both signs)."""
-  rng = np.random.default_rng(seed)
-  spec = models.SAESpec(architecture, d_in, d_sae)
-  params = {
-      k: np.asarray(v)
-      for k, v in models.init_params(spec, jax.random.PRNGKey(seed)).items()
-  }
-  for k in params:
-    if k != 'W_dec' and k != 'W_enc':
-      params[k] = rng.normal(0, 0.5, params[k].shape).astype(np.float32)
-  params['W_enc'] = params['W_enc'] * np.float32(0.7)
-  return api.SAE(lm_config(architecture, d_in, d_sae), params, index=seed)
-
-
-# ---------------------------------------------------------------------------
-# Metrics on hand-made arrays.
-
-
-def test_closed_forms_of_reconstruction_metrics():
-  rng = np.random.default_rng(0)
-  x = rng.normal(1.0, 2.0, (200, 8)).astype(np.float32)
-  f = np.zeros((200, 4), np.float32)
-  f[:, 1] = 1.0  # fires on every token: dense
-  f[:10, 2] = 3.0  # 5% of tokens: neither dense nor dead; latent 0, 3 dead
-  perfect = evaluate.summary(evaluate.Sums.from_arrays(x, x, f))
-  assert perfect['fvu'] == 0.0 and perfect['mse'] == 0.0
-  assert perfect['shrinkage_gamma'] == pytest.approx(1.0, abs=1e-7)
-  assert perfect['l0'] == pytest.approx(1.05)
-  assert perfect['dead_fraction'] == 0.5 and perfect['dense_fraction'] == 0.25
-  np.testing.assert_allclose(
-      evaluate.firing_frequency(evaluate.Sums.from_arrays(x, x, f)),
-      [0.0, 1.0, 0.05, 0.0],
-  )
-  half = evaluate.summary(evaluate.Sums.from_arrays(x, 0.5 * x, f))
-  assert half['shrinkage_gamma'] == pytest.approx(0.5, rel=1e-6)
-  x64 = x.astype(np.float64)
-  variance = np.mean(np.sum((x64 - x64.mean(0)) ** 2, axis=1))
-  want = 0.25 * np.mean(np.sum(x64**2, axis=1)) / variance
-  assert half['fvu'] == pytest.approx(want, rel=1e-6)
-  zero = evaluate.summary(evaluate.Sums.from_arrays(x, np.zeros_like(x), f))
-  assert zero['fvu'] == pytest.approx(np.mean(np.sum(x64**2, 1)) / variance)
-
-
-def test_metrics_are_ratios_of_dataset_means_across_batches():
-  rng = np.random.default_rng(1)
-  xs = [rng.normal(0, s, (n, 6)).astype(np.float32) for s, n in ((1, 50), (5, 7))]
-  x_hats = [x + rng.normal(0, 0.3, x.shape).astype(np.float32) for x in xs]
-  fs = [np.abs(rng.normal(size=(x.shape[0], 3))).astype(np.float32) for x in xs]
-  masks = [np.ones(len(xs[0])), (np.arange(len(xs[1])) < 5).astype(np.float32)]
-  sums = evaluate.Sums(d_in=6, d_sae=3)
-  for x, x_hat, f, m in zip(xs, x_hats, fs, masks, strict=True):
-    stats = jax.device_get(evaluate.batch_stats(x, x_hat, f, jnp.asarray(m)))
-    sums.add_batch(x, stats, m)
-  keep = np.concatenate(masks) > 0
-  x, x_hat = np.concatenate(xs)[keep], np.concatenate(x_hats)[keep]
-  x, x_hat = x.astype(np.float64), x_hat.astype(np.float64)
-  m = evaluate.summary(sums)
-  assert m['num_tokens'] == 55
-  want = np.mean(np.sum((x - x_hat) ** 2, 1)) / np.mean(np.sum((x - x.mean(0)) ** 2, 1))
-  assert m['fvu'] == pytest.approx(want, rel=1e-5)
-  want = np.mean(np.sum(x_hat**2, 1)) / np.mean(np.sum(x * x_hat, 1))
-  assert m['shrinkage_gamma'] == pytest.approx(want, rel=1e-5)
-
-
-def test_loss_recovered_closed_forms():
-  assert evaluate.loss_recovered(3.0, 3.0, 10.0) == 1.0
-  assert evaluate.loss_recovered(3.0, 10.0, 10.0) == 0.0
-  assert evaluate.loss_recovered(3.0, 6.5, 10.0) == 0.5
-  assert evaluate.loss_recovered(3.0, 2.3, 10.0) == pytest.approx(1.1)  # can be >1
-  sums = evaluate.Sums(d_in=1, d_sae=1, n_tokens=1)
-  sums.add_ce([3.0, 3.0], [4.0, 5.0], [10.0, 10.0])
-  m = evaluate.summary(sums)
-  assert m['delta_lm_loss'] == 1.5 and m['loss_recovered'] == pytest.approx(5.5 / 7)
 
 
 # ---------------------------------------------------------------------------
@@ -188,79 +86,6 @@ def test_plots_and_latent_report_from_lm_results(lm, lm_results, tmp_path):
   f = np.concatenate([np.maximum(acts, 0), np.maximum(-acts, 0)], axis=-1)
   assert r['top_values'][latent][0] == pytest.approx(f[ctx, pos, latent], rel=1e-6)
   assert r['top_values'][latent][0] == pytest.approx(f[:, 1:, latent].max(), rel=1e-6)
-
-
-def test_pareto_frontier():
-  x = [1.0, 2.0, 3.0, 2.5, 4.0, np.nan]
-  y = [0.5, 0.7, 0.6, 0.9, 0.95, 1.0]
-  assert plots.pareto_frontier(x, y).tolist() == [0, 1, 3, 4]
-
-
-# ---------------------------------------------------------------------------
-# Export and import.
-
-
-@pytest.mark.parametrize('architecture', ['gated', 'baseline'])
-def test_saelens_export_round_trips(architecture, tmp_path):
-  sae = random_sae(architecture, seed=1)
-  sae.step, sae.norm_scale = 20, 1.5
-  path = export.to_saelens(sae, str(tmp_path / 'sae'), firing_frequency=np.ones(32))
-  with open(os.path.join(path, 'cfg.json')) as f:
-    cfg = json.load(f)
-  assert cfg['architecture'] == {'gated': 'gated', 'baseline': 'standard'}[architecture]
-  assert (cfg['d_in'], cfg['d_sae'], cfg['hook_name']) == (16, 32, SITE)
-  assert cfg['hook_layer'] == 15 and cfg['dtype'] == 'float32'
-  assert cfg['model_name'] == 'HuggingFaceTB/SmolLM2-135M-Instruct'
-  assert cfg['normalize_activations'] == 'none' and cfg['apply_b_dec_to_input']
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-
-  tensors = load_file(os.path.join(path, 'sae_weights.safetensors'))
-  want = {
-      'gated': {'W_enc', 'b_gate', 'r_mag', 'b_mag', 'W_dec', 'b_dec'},
-      'baseline': {'W_enc', 'b_enc', 'W_dec', 'b_dec'},
-  }[architecture]
-  assert set(tensors) == want
-  assert tensors['W_enc'].shape == (16, 32) and tensors['W_dec'].shape == (32, 16)
-  back = export.load_saelens(path)
-  assert back.architecture == architecture and back.step == 20
-  x = np.random.default_rng(2).normal(size=(64, 16)).astype(np.float32)
-  np.testing.assert_array_equal(back.encode(x), sae.encode(x))
-  np.testing.assert_array_equal(back.decode(sae.encode(x)), sae.decode(sae.encode(x)))
-  npz = export.load_npz(export.to_npz(sae, str(tmp_path / 'sae.npz')))
-  np.testing.assert_array_equal(npz.encode(x), sae.encode(x))
-  assert npz.config.harvest.site == SITE and npz.norm_scale == 1.5
-
-
-def test_gated_sae_equals_its_jumprelu_export(tmp_path):
-  sae = random_sae('gated', seed=4)
-  jr = export.jumprelu_params(sae.params)
-  np.testing.assert_allclose(
-      jr['threshold'],
-      np.asarray(models.jumprelu_threshold(jax.tree.map(jnp.asarray, sae.params))),
-      atol=1e-6,
-  )
-  assert (jr['threshold'] < 0).any() and (jr['threshold'] > 0).any()
-  x = np.random.default_rng(5).normal(0, 2, (2000, 16)).astype(np.float32)
-  want = sae.encode(x)
-  got = export.jumprelu_encode(jr, x)
-  # Where the gate is within rounding of 0 the two forms may disagree.
-  p = {k: v.astype(np.float64) for k, v in sae.params.items()}
-  pi_gate = (x - p['b_dec']) @ p['W_enc'] + p['b_gate']
-  pi_mag = np.exp(p['r_mag']) * (pi_gate - p['b_gate']) + p['b_mag']
-  clear = np.abs(pi_gate) > 1e-4
-  assert clear.mean() > 0.99
-  assert ((pi_gate > 0) & (pi_mag < 0)).any()  # the ReLU inside the JumpReLU acts
-  np.testing.assert_allclose(got[clear], want[clear], rtol=1e-5, atol=1e-5)
-  # SAELens's JumpReLU reads back as a gated SAE with r_mag = 0.
-  back = export.load_saelens(
-      export.to_saelens(sae, str(tmp_path / 'jr'), jumprelu=True)
-  )
-  with open(tmp_path / 'jr' / 'cfg.json') as f:
-    assert json.load(f)['architecture'] == 'jumprelu'
-  assert back.architecture == 'gated' and not back.params['r_mag'].any()
-  np.testing.assert_allclose(back.encode(x)[clear], want[clear], rtol=1e-4, atol=1e-4)
-  with pytest.raises(ValueError, match='only gated SAEs'):
-    export.to_saelens(random_sae('baseline'), str(tmp_path / 'x'), jumprelu=True)
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,48 @@
+"""Hand-made SAEs for the evaluation tests: exact identities and random ones."""
+
+import jax
+import numpy as np
+
+from gsae_jax import api
+from gsae_jax import config as config_lib
+from gsae_jax.sae import models
+
+SITE = 'blocks.15.hook_resid_post'
+
+
+def lm_config(architecture, d_in, d_sae):
+  c = config_lib.default_config()
+  c.data.source = 'cache'
+  c.sae.architecture, c.sae.d_in, c.sae.d_sae = architecture, d_in, d_sae
+  c.harvest.site = SITE
+  c.harvest.context_len = 16
+  c.harvest.lm_batch_size = 2
+  return c
+
+
+def scaled_identity_sae(d_in, scale, index=0):
+  """A baseline SAE with x_hat = scale * x exactly: W_enc = [I, -I] and
+  W_dec = scale [I; -I], so ReLU(x) - ReLU(-x) = x."""
+  eye = np.eye(d_in, dtype=np.float32)
+  params = {
+      'W_enc': np.concatenate([eye, -eye], axis=1),
+      'b_enc': np.zeros(2 * d_in, np.float32),
+      'W_dec': np.float32(scale) * np.concatenate([eye, -eye], axis=0),
+      'b_dec': np.zeros(d_in, np.float32),
+  }
+  return api.SAE(lm_config('baseline', d_in, 2 * d_in), params, index=index)
+
+
+def random_sae(architecture, d_in=16, d_sae=32, seed=0):
+  """An SAE with random weights (gated: thresholds of both signs)."""
+  rng = np.random.default_rng(seed)
+  spec = models.SAESpec(architecture, d_in, d_sae)
+  params = {
+      k: np.asarray(v)
+      for k, v in models.init_params(spec, jax.random.PRNGKey(seed)).items()
+  }
+  for k in params:
+    if k != 'W_dec' and k != 'W_enc':
+      params[k] = rng.normal(0, 0.5, params[k].shape).astype(np.float32)
+  params['W_enc'] = params['W_enc'] * np.float32(0.7)
+  return api.SAE(lm_config(architecture, d_in, d_sae), params, index=seed)
