@@ -52,6 +52,8 @@ def harvest(
   cache_dir = cache_dir or config.data.cache_dir
   if not cache_dir:
     raise ValueError('config.data.cache_dir: required to harvest (where to write)')
+  # The text must exist before the LM is loaded or the cache directory made.
+  text.get_builder(h.dataset, h.data_dir or None)
   model = model or lm_lib.load(_model_path(h))
   model.site(h.site)  # a bad site fails here, before any work
   model_name = os.path.basename(model.path)
@@ -69,8 +71,6 @@ def harvest(
     logs.info(f'cache {cache_dir} is complete ({manifest["count"]:,} activations)')
     return manifest
 
-  # The text must exist before the cache directory does.
-  text.get_builder(h.dataset, h.data_dir or None)
   lm_batch = int(h.lm_batch_size)
   metadata = {
       'dataset': h.dataset,

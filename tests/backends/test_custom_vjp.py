@@ -156,14 +156,15 @@ def test_bfloat16_gradients_close_to_float32(arch, impl):
     assert rel < 0.03, (name, rel)
 
 
-@pytest.mark.parametrize('impl', ['autodiff', 'custom_vjp'])
-def test_bfloat16_loss_curve_tracks_float32(tmp_path, impl):
+def test_bfloat16_loss_curve_tracks_float32(tmp_path):
   """Tolerance: the bfloat16 run's loss, L0 and FVU within 1% (relative) of the
-  float32 run's at every logged step of 60 (seen: < 0.2% over 100 steps)."""
+  float32 run's at every logged step of 60 (seen: < 0.2% over 100 steps).
+  With the CPU's default step, custom_vjp; autodiff's bfloat16 gradients are
+  checked above."""
   records = {}
   for dtype in ('float32', 'bfloat16'):
     c = synthetic_exp.get_config('test')
-    c.sae.compute_dtype, c.sae.step_impl = dtype, impl
+    c.sae.compute_dtype, c.sae.step_impl = dtype, 'custom_vjp'
     c.train.num_steps = 60
     c.log.every_steps = 10
     c.checkpoint.every_steps = 60

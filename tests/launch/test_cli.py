@@ -7,6 +7,7 @@ umask of 022 are group- and world-readable.
 """
 
 import os
+import shlex
 import stat
 import subprocess
 import sys
@@ -22,14 +23,16 @@ TINY = [  # a few-second synthetic run
 
 
 def _run(*args, env=None):
+  """`python -m <args>` under a umask of 022 (set by a shell: preexec_fn is
+  unsafe in this multithreaded process)."""
+  command = ' '.join(shlex.quote(a) for a in (sys.executable, '-m', *args))
   return subprocess.run(
-      [sys.executable, '-m', *args],
+      ['/bin/sh', '-c', f'umask 022 && exec {command}'],
       cwd=ROOT,
       capture_output=True,
       text=True,
       timeout=600,
       env=dict(os.environ, JAX_PLATFORMS='cpu', **(env or {})),
-      preexec_fn=lambda: os.umask(0o022),
   )
 
 
@@ -91,11 +94,12 @@ def test_train_refuses_bad_input_then_runs_in_the_same_workdir(tmp_path):
 
 
 def test_sweep_and_main_refuse_bad_input_then_run(tmp_path):
-  sweep_args = [
+  sweep_args = [  # one group of two SAEs
       '--config=experiments/synthetic_sweep.py:runlocal',
       '--config.train.num_steps=10',
       '--config.checkpoint.every_steps=10',
-      '--config.sweep.l1_coeff=(0.02,)',
+      "--config.sweep.architecture=('gated',)",
+      '--config.sweep.l1_coeff=(0.02,0.04)',
   ]
   workdir = str(tmp_path / 'sweep')
   bad = _run(
