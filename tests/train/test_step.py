@@ -4,20 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import tiny_config
 
-from experiments import synthetic as synthetic_exp
 from gsae_jax import train
 from gsae_jax.data import sources
 from gsae_jax.sae import models, optim
-
-
-def tiny_config(**overrides):
-  """A seconds-long synthetic run (d_in 16, d_sae 32, batch 64), overridden."""
-  c = synthetic_exp.get_config('test')
-  for name, value in overrides.items():
-    section, field = name.split('__')
-    c[section][field] = value
-  return c
 
 
 def _stacked_hparams(config, l1s):
