@@ -86,8 +86,12 @@ _SITE_RE = re.compile(r"blocks\.(\d+)\.hook_(\w+)")
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-  """The architecture of a Llama-family model (read from GGUF metadata).
+class ModelConfig:
+  """The architecture of a decoder-only transformer (GGUF metadata or config.json).
+
+  The first twelve fields describe a Llama block and are all a GGUF file sets;
+  the rest default to Llama's choices and are set by the Hugging Face reader
+  (lm/hf.py) for the families that differ (docs/models.md).
 
   Attributes:
     n_layers: number of transformer blocks.
@@ -95,14 +99,44 @@ class LlamaConfig:
     n_heads: query heads.
     n_kv_heads: key/value heads (n_heads is a multiple of it: GQA).
     d_head: width of one head.
-    d_mlp: SwiGLU hidden width.
+    d_mlp: MLP hidden width.
     vocab_size: number of token ids (rows of the embedding).
-    rms_eps: RMSNorm epsilon.
+    rms_eps: epsilon of the norms (RMSNorm or LayerNorm).
     rope_base: RoPE frequency base (theta).
     rope_dim: number of leading head dimensions RoPE rotates (= d_head for
       Llama).
     context_length: training context length (informational; not enforced).
     tied_embeddings: True if the unembedding is the token embedding.
+    family: the checkpoint's family: 'llama' (GGUF files and config.json
+      model_type llama), 'qwen2', 'qwen3', 'mistral', 'gemma2' or 'gpt2'.
+    rope_layout: which head dimensions RoPE rotates together: 'adjacent'
+      pairs (x[2i], x[2i+1]) as llama.cpp's converter permutes W_q and W_k,
+      or 'half': (x[i], x[i + rope_dim/2]) as Hugging Face checkpoints are.
+    rope_scaling: Llama 3's frequency scaling (factor, low_freq_factor,
+      high_freq_factor, original_max_position_embeddings), or None.
+    positions: 'rope', or 'learned' (a position embedding added to the token
+      embedding, GPT-2).
+    norm: 'rms' (x / rms(x) * w), 'rms_plus_one' (x / rms(x) * (1 + w),
+      Gemma) or 'layer' (LayerNorm with a bias, GPT-2).
+    mlp: 'swiglu' (W_down (silu(W_gate h) * W_up h)), 'geglu' (the same with
+      tanh-approximated GELU, Gemma) or 'gelu' (W_down gelu(W_up h + b_up) +
+      b_down with tanh-approximated GELU, GPT-2).
+    qkv_bias: q, k and v projections have biases.
+    o_bias: the attention output projection has a bias.
+    qk_norm: RMSNorm over each head of q and k before RoPE (Qwen3).
+    post_norms: a norm on the attention output and on the MLP output before
+      they join the residual stream (Gemma 2).
+    embed_scale: the token embedding is multiplied by this (Gemma:
+      sqrt(d_model)).
+    query_scale: attention scores are q.k times this; None = 1 / sqrt(d_head)
+      (Gemma 2: query_pre_attn_scalar ** -0.5).
+    attn_softcap: scores become c * tanh(scores / c) (Gemma 2), or None.
+    final_softcap: logits become c * tanh(logits / c) (Gemma 2), or None.
+    sliding_windows: per layer, 0 (global attention) or the window w: query t
+      sees keys t - w + 1..t; () = every layer global.
+    max_seq: sequences longer than this are refused (0 = no limit), for the
+      reason in max_seq_reason.
+    max_seq_reason: why max_seq is the limit (for the error message).
   """
 
   n_layers: int
@@ -117,6 +151,23 @@ class LlamaConfig:
   rope_dim: int
   context_length: int
   tied_embeddings: bool
+  family: str = "llama"
+  rope_layout: str = "adjacent"
+  rope_scaling: tuple[float, float, float, int] | None = None
+  positions: str = "rope"
+  norm: str = "rms"
+  mlp: str = "swiglu"
+  qkv_bias: bool = False
+  o_bias: bool = False
+  qk_norm: bool = False
+  post_norms: bool = False
+  embed_scale: float | None = None
+  query_scale: float | None = None
+  attn_softcap: float | None = None
+  final_softcap: float | None = None
+  sliding_windows: tuple[int, ...] = ()
+  max_seq: int = 0
+  max_seq_reason: str = ""
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
@@ -128,6 +179,23 @@ class LlamaConfig:
       raise ValueError(
           f"rope_dim {self.rope_dim} must be even and <= d_head {self.d_head}"
       )
+    for name, allowed in (
+        ("rope_layout", ("adjacent", "half")),
+        ("positions", ("rope", "learned")),
+        ("norm", ("rms", "rms_plus_one", "layer")),
+        ("mlp", ("swiglu", "geglu", "gelu")),
+    ):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"{name} {getattr(self, name)!r} is not one of {allowed}")
+    if self.sliding_windows and len(self.sliding_windows) != self.n_layers:
+      raise ValueError(
+          f"sliding_windows has {len(self.sliding_windows)} entries for "
+          f"{self.n_layers} layers"
+      )
+
+
+# The name the GGUF path has always used; the same class.
+LlamaConfig = ModelConfig
 
 
 class Site(NamedTuple):
@@ -190,6 +258,18 @@ def _rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   return x * jax.lax.rsqrt(variance + eps) * weight.astype(x.dtype)
 
 
+def _norm(config: ModelConfig, p: Params, name: str, x: jax.Array) -> jax.Array:
+  """The norm `name` (a key of p; LayerNorm's bias is p[name + '_bias'])."""
+  if config.norm == "rms":
+    return _rms_norm(x, p[name], config.rms_eps)
+  if config.norm == "rms_plus_one":
+    return _rms_norm(x, 1.0 + p[name].astype(x.dtype), config.rms_eps)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  variance = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  normed = (x - mean) * jax.lax.rsqrt(variance + config.rms_eps)
+  return normed * p[name].astype(x.dtype) + p[name + "_bias"].astype(x.dtype)
+
+
 def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   """x @ w in w's dtype with float32 accumulation and output.
 
@@ -199,72 +279,154 @@ def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
-def _rope_tables(config: LlamaConfig, seq: int) -> tuple[jax.Array, jax.Array]:
-  """cos and sin tables [seq, rope_dim // 2] for positions 0..seq-1."""
+def _linear(p: Params, name: str, x: jax.Array, bias: bool) -> jax.Array:
+  """x @ p['w_' + name] (+ p['b_' + name])."""
+  y = _matmul(x, p["w_" + name])
+  return y + p["b_" + name].astype(jnp.float32) if bias else y
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def _inv_freq(config: ModelConfig) -> jax.Array:
+  """RoPE inverse frequencies [rope_dim // 2], with Llama 3's scaling if set."""
   exponent = jnp.arange(0, config.rope_dim, 2, dtype=jnp.float32) / config.rope_dim
   inv_freq = config.rope_base**-exponent  # [rope_dim // 2]
-  angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  if config.rope_scaling is None:
+    return inv_freq
+  # Llama 3: long wavelengths slowed by `factor`, short ones kept, a smooth
+  # blend between (as Hugging Face's _compute_llama3_parameters).
+  factor, low_freq_factor, high_freq_factor, old_context = config.rope_scaling
+  wavelen = 2 * np.pi / inv_freq
+  low_freq_wavelen = old_context / low_freq_factor
+  high_freq_wavelen = old_context / high_freq_factor
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+  smooth = (old_context / wavelen - low_freq_factor) / (
+      high_freq_factor - low_freq_factor
+  )
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(medium, smoothed, scaled)
+
+
+Rope = tuple[jax.Array, jax.Array] | None
+
+
+def _rope_tables(config: ModelConfig, seq: int) -> Rope:
+  """cos and sin tables [seq, rope_dim // 2] for positions 0..seq-1.
+
+  None for learned positions (no RoPE).
+  """
+  if config.positions != "rope":
+    return None
+  angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * _inv_freq(config)[None, :]
   return jnp.cos(angles), jnp.sin(angles)
 
 
-def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotates adjacent pairs (x[2i], x[2i+1]) of x [batch, seq, heads, d_head]."""
+def _apply_rope(
+    x: jax.Array, cos: jax.Array, sin: jax.Array, layout: str = "adjacent"
+) -> jax.Array:
+  """Rotates pairs of head dimensions of x [batch, seq, heads, d_head].
+
+  layout 'adjacent' rotates (x[2i], x[2i+1]) (GGUF); 'half' rotates
+  (x[i], x[i + rope_dim/2]) (Hugging Face's rotate_half).
+  """
   rope_dim = 2 * cos.shape[-1]
   rot, rest = x[..., :rope_dim], x[..., rope_dim:]
+  cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+  if layout == "half":
+    first, second = rot[..., : rope_dim // 2], rot[..., rope_dim // 2 :]
+    rotated = [first * cos - second * sin, second * cos + first * sin]
+    return jnp.concatenate([*rotated, rest], axis=-1)
   pairs = rot.reshape(*rot.shape[:-1], rope_dim // 2, 2)
   even, odd = pairs[..., 0], pairs[..., 1]  # [batch, seq, heads, rope_dim // 2]
-  cos, sin = cos[None, :, None, :], sin[None, :, None, :]
   rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
   return jnp.concatenate([rotated.reshape(rot.shape), rest], axis=-1)
 
 
+def _attention_mask(config: ModelConfig, seq: int, layer: Any) -> jax.Array:
+  """[query, key] booleans: causal, and within this layer's sliding window."""
+  causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))  # [query, key]
+  if not config.sliding_windows:
+    return causal
+  window = jnp.asarray(config.sliding_windows, jnp.int32)[layer]  # 0 = global
+  distance = jnp.arange(seq)[:, None] - jnp.arange(seq)[None, :]
+  return causal & ((window == 0) | (distance < window))
+
+
 def _attention(
-    config: LlamaConfig, p: Params, x: jax.Array, rope: tuple[jax.Array, jax.Array]
+    config: ModelConfig, p: Params, x: jax.Array, rope: Rope, layer: Any = 0
 ) -> jax.Array:
   """Causal grouped-query attention of x [batch, seq, d_model] (normed)."""
   batch, seq, _ = x.shape
   n_kv, d_head = config.n_kv_heads, config.d_head
   group = config.n_heads // n_kv  # query heads per kv head
-  q = _matmul(x, p["w_q"]).reshape(batch, seq, config.n_heads, d_head)
-  k = _matmul(x, p["w_k"]).reshape(batch, seq, n_kv, d_head)
-  v = _matmul(x, p["w_v"]).reshape(batch, seq, n_kv, d_head)
-  q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
+  q = _linear(p, "q", x, config.qkv_bias).reshape(batch, seq, config.n_heads, d_head)
+  k = _linear(p, "k", x, config.qkv_bias).reshape(batch, seq, n_kv, d_head)
+  v = _linear(p, "v", x, config.qkv_bias).reshape(batch, seq, n_kv, d_head)
+  if config.qk_norm:  # Qwen3: RMSNorm over each head's d_head dimensions.
+    q = _rms_norm(q, p["q_norm"], config.rms_eps)
+    k = _rms_norm(k, p["k_norm"], config.rms_eps)
+  if rope is not None:
+    q = _apply_rope(q, *rope, config.rope_layout)
+    k = _apply_rope(k, *rope, config.rope_layout)
   # Query head h reads kv head h // group (as llama.cpp and HF repeat_kv do).
   q = q.reshape(batch, seq, n_kv, group, d_head)
-  scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) / np.sqrt(d_head)
-  causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))  # [query, key]
-  scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+  scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k)
+  if config.query_scale is None:
+    scores = scores / np.sqrt(d_head)
+  else:
+    scores = scores * config.query_scale
+  scores = _softcap(scores, config.attn_softcap)
+  mask = _attention_mask(config, seq, layer)
+  scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
   weights = jax.nn.softmax(scores, axis=-1)  # [batch, kv, group, query, key]
   out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
-  return _matmul(out.reshape(batch, seq, config.n_heads * d_head), p["w_o"])
+  out = out.reshape(batch, seq, config.n_heads * d_head)
+  return _linear(p, "o", out, config.o_bias)
 
 
-def _mlp(p: Params, x: jax.Array) -> jax.Array:
-  """SwiGLU MLP of x [batch, seq, d_model] (normed)."""
-  hidden = jax.nn.silu(_matmul(x, p["w_gate"])) * _matmul(x, p["w_up"])
+def _mlp(config: ModelConfig, p: Params, x: jax.Array) -> jax.Array:
+  """The MLP of x [batch, seq, d_model] (normed): SwiGLU, GeGLU or GELU."""
+  if config.mlp == "gelu":  # GPT-2
+    hidden = jax.nn.gelu(_linear(p, "up", x, True), approximate=True)
+    return _linear(p, "down", hidden, True)
+  gate = _matmul(x, p["w_gate"])
+  if config.mlp == "geglu":
+    gate = jax.nn.gelu(gate, approximate=True)
+  else:
+    gate = jax.nn.silu(gate)
+  hidden = gate * _matmul(x, p["w_up"])
   return _matmul(hidden, p["w_down"])  # [batch, seq, d_model]
 
 
 def _block(
-    config: LlamaConfig,
+    config: ModelConfig,
     p: Params,
     resid: jax.Array,
-    rope: tuple[jax.Array, jax.Array],
+    rope: Rope,
     hook: str | None = None,
     hook_fn: Callable[[jax.Array], jax.Array] | None = None,
     stop: bool = False,
+    layer: Any = 0,
 ) -> jax.Array:
   """One transformer block on resid [batch, seq, d_model].
+
+  attn_out and mlp_out are what the block adds to the residual stream (with
+  Gemma 2's post-norms, after them, as TransformerLens hooks them).
 
   Args:
     config: the architecture.
     p: this layer's parameters (one slice of params['blocks']).
     resid: the residual stream entering the block.
-    rope: the (cos, sin) tables.
+    rope: the (cos, sin) tables, or None (learned positions).
     hook: a hook name (one of HOOKS) to act on, or None.
     hook_fn: replaces the activation at `hook` (act -> act), if given.
     stop: return the activation at `hook` (after hook_fn) instead of the
       block's output, computing nothing past it.
+    layer: this block's index (an int or a traced scalar; picks the sliding
+      window).
 
   Returns:
     resid_post [batch, seq, d_model], or the hooked activation if `stop`.
@@ -276,26 +438,29 @@ def _block(
   resid = at("resid_pre", resid)
   if stop and hook == "resid_pre":
     return resid
-  attn_out = at(
-      "attn_out",
-      _attention(config, p, _rms_norm(resid, p["attn_norm"], config.rms_eps), rope),
-  )
+  attn_out = _attention(config, p, _norm(config, p, "attn_norm", resid), rope, layer)
+  if config.post_norms:
+    attn_out = _norm(config, p, "attn_post_norm", attn_out)
+  attn_out = at("attn_out", attn_out)
   if stop and hook == "attn_out":
     return attn_out
   resid = at("resid_mid", resid + attn_out)
   if stop and hook == "resid_mid":
     return resid
-  mlp_out = at("mlp_out", _mlp(p, _rms_norm(resid, p["mlp_norm"], config.rms_eps)))
+  mlp_out = _mlp(config, p, _norm(config, p, "mlp_norm", resid))
+  if config.post_norms:
+    mlp_out = _norm(config, p, "mlp_post_norm", mlp_out)
+  mlp_out = at("mlp_out", mlp_out)
   if stop and hook == "mlp_out":
     return mlp_out
   return at("resid_post", resid + mlp_out)
 
 
 def _run_layers(
-    config: LlamaConfig,
+    config: ModelConfig,
     blocks: Params,
     resid: jax.Array,
-    rope: tuple[jax.Array, jax.Array],
+    rope: Rope,
     start: int,
     stop: int,
 ) -> jax.Array:
@@ -311,21 +476,37 @@ def _run_layers(
     p = jax.tree.map(
         lambda w: jax.lax.dynamic_index_in_dim(w, layer, keepdims=False), blocks
     )
-    return _block(config, p, resid, rope), None
+    return _block(config, p, resid, rope, layer=layer), None
 
   resid, _ = jax.lax.scan(body, resid, jnp.arange(start, stop))
   return resid
 
 
-def _embed(params: Params, ids: jax.Array) -> jax.Array:
+def _check_seq(config: ModelConfig, seq: int) -> None:
+  if config.max_seq and seq > config.max_seq:
+    raise ValueError(
+        f"sequence length {seq} is longer than this model allows "
+        f"({config.max_seq}: {config.max_seq_reason}); use contexts of at most "
+        f"{config.max_seq} tokens (harvest.context_len)"
+    )
+
+
+def _embed(config: ModelConfig, params: Params, ids: jax.Array) -> jax.Array:
+  _check_seq(config, ids.shape[1])
   embed = jnp.take(params["embed"], ids, axis=0)  # [batch, seq, d_model]
-  return embed.astype(jnp.float32)
+  embed = embed.astype(jnp.float32)
+  if config.embed_scale is not None:
+    embed = embed * jnp.float32(config.embed_scale)
+  if config.positions == "learned":
+    embed = embed + params["pos_embed"][: ids.shape[1]].astype(jnp.float32)
+  return embed
 
 
-def _unembed(config: LlamaConfig, params: Params, resid: jax.Array) -> jax.Array:
-  x = _rms_norm(resid, params["final_norm"], config.rms_eps)
+def _unembed(config: ModelConfig, params: Params, resid: jax.Array) -> jax.Array:
+  x = _norm(config, params, "final_norm", resid)
   unembed = params["embed"] if config.tied_embeddings else params["unembed"]
-  return _matmul(x, unembed.T)  # [batch, seq, vocab]
+  logits = _matmul(x, unembed.T)  # [batch, seq, vocab]
+  return _softcap(logits, config.final_softcap)
 
 
 def _splice_hook(
@@ -352,7 +533,7 @@ def _layer_params(blocks: Params, layer: int) -> Params:
 
 
 def run_activations(
-    params: Params, config: LlamaConfig, ids: jax.Array, site: str
+    params: Params, config: ModelConfig, ids: jax.Array, site: str
 ) -> jax.Array:
   """Activations at `site` [batch, seq, d_model]; runs layers 0..L only.
 
@@ -360,18 +541,18 @@ def run_activations(
   """
   parsed = parse_site(site, config.n_layers)
   rope = _rope_tables(config, ids.shape[1])
-  resid = _embed(params, ids)
+  resid = _embed(config, params, ids)
   blocks = params["blocks"]
   if parsed.blocks_before is not None:  # The scan's carry between blocks.
     return _run_layers(config, blocks, resid, rope, 0, parsed.blocks_before)
   resid = _run_layers(config, blocks, resid, rope, 0, parsed.layer)
   p = _layer_params(blocks, parsed.layer)
-  return _block(config, p, resid, rope, hook=parsed.hook, stop=True)
+  return _block(config, p, resid, rope, hook=parsed.hook, stop=True, layer=parsed.layer)
 
 
 def _final_resid(
     params: Params,
-    config: LlamaConfig,
+    config: ModelConfig,
     ids: jax.Array,
     site: str | None,
     splice_fn: SpliceFn | None,
@@ -380,7 +561,7 @@ def _final_resid(
 ) -> jax.Array:
   """The residual stream after the last block [batch, seq, d_model]."""
   rope = _rope_tables(config, ids.shape[1])
-  resid = _embed(params, ids)
+  resid = _embed(config, params, ids)
   blocks = params["blocks"]
   n_layers = config.n_layers
   if site is None or splice_fn is None:
@@ -395,13 +576,15 @@ def _final_resid(
     return _run_layers(config, blocks, resid, rope, parsed.blocks_before, n_layers)
   resid = _run_layers(config, blocks, resid, rope, 0, parsed.layer)
   p = _layer_params(blocks, parsed.layer)
-  resid = _block(config, p, resid, rope, hook=parsed.hook, hook_fn=hook_fn)
+  resid = _block(
+      config, p, resid, rope, hook=parsed.hook, hook_fn=hook_fn, layer=parsed.layer
+  )
   return _run_layers(config, blocks, resid, rope, parsed.layer + 1, n_layers)
 
 
 def run_logits(
     params: Params,
-    config: LlamaConfig,
+    config: ModelConfig,
     ids: jax.Array,
     site: str | None = None,
     splice_fn: SpliceFn | None = None,
@@ -436,7 +619,7 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 def run_cross_entropy(
     params: Params,
-    config: LlamaConfig,
+    config: ModelConfig,
     ids: jax.Array,
     site: str | None = None,
     splice_fn: SpliceFn | None = None,
@@ -454,7 +637,7 @@ def run_cross_entropy(
 
 
 def forward_flops_per_token(
-    config: LlamaConfig,
+    config: ModelConfig,
     n_blocks: int | None = None,
     seq: int = 1,
     unembed: bool = False,
@@ -479,7 +662,7 @@ def forward_flops_per_token(
   weight_macs = (
       c.d_model * (q_width + 2 * kv_width)  # q, k, v
       + q_width * c.d_model  # o
-      + 3 * c.d_model * c.d_mlp  # gate, up, down
+      + (2 if c.mlp == "gelu" else 3) * c.d_model * c.d_mlp  # (gate,) up, down
   )
   attention_macs = 2 * seq * q_width  # scores and weighted values
   flops = 2 * n_blocks * (weight_macs + attention_macs)
@@ -499,7 +682,7 @@ _jit_activations = jax.jit(run_activations, static_argnames=("config", "site"))
 
 
 class LanguageModel:
-  """A Llama-family LM with its tokenizer, hooks and splicing.
+  """A decoder-only LM (any supported family) with its tokenizer, hooks and splicing.
 
   Methods take token ids [batch, seq] (numpy or JAX, integer) and return JAX
   float32 arrays. Each is jitted with the parameters as an argument (not baked
@@ -508,24 +691,27 @@ class LanguageModel:
   per call) and put changing weights in `splice_params` to avoid recompiling.
 
   Attributes:
-    config: the `LlamaConfig`.
+    config: the `ModelConfig`.
     params: the parameter pytree of jnp arrays (matrices in `dtype`).
     dtype: the weight dtype (float32 unless asked).
     tokenizer: the `Tokenizer`.
-    path: the GGUF file it was read from.
+    path: the GGUF file or Hugging Face checkpoint directory it was read from.
+    name: the model's name (caches record it, SAELens exports carry it).
     d_model, n_layers, vocab_size: from the config.
     bos_id, eos_id: from the tokenizer metadata (None if absent).
+    prepend_bos, context_bos_id: the tokenizer config's BOS rule.
   """
 
   def __init__(
       self,
-      config: LlamaConfig,
+      config: ModelConfig,
       params: Params,
       tokenizer: Tokenizer,
       path: str = "",
       dtype: Any = jnp.float32,
+      name: str = "",
   ):
-    """Wraps parameters (`read_gguf` layout) and a tokenizer.
+    """Wraps parameters (`read_gguf` / `read_hf` layout) and a tokenizer.
 
     Args:
       config: the architecture.
@@ -536,17 +722,21 @@ class LanguageModel:
         residual stream, norms, softmax and accumulation stay float32.
         float32 (default) is exact to the dequantized file; bfloat16 matmuls
         are faster on CPUs with bf16 units, at some accuracy cost.
+      name: the model's name for caches and exports; '' = the file or
+        directory name of `path`.
     """
     self.config = config
     self.dtype = jnp.dtype(dtype)
 
     def convert(key: Any, w: Any) -> jax.Array:
-      w = jnp.asarray(w, jnp.float32)  # Norm gains stay float32.
-      return w if "norm" in jax.tree_util.keystr(key) else w.astype(self.dtype)
+      name = str(getattr(key[-1], "key", key[-1]))
+      keep = "norm" in name or name.startswith("b_")  # norms, biases: float32
+      return jnp.asarray(w, jnp.float32 if keep else self.dtype)
 
     self.params = jax.tree_util.tree_map_with_path(convert, params)
     self.tokenizer = tokenizer
     self.path = path
+    self.name = name or os.path.basename(path)
 
   @property
   def d_model(self) -> int:
@@ -567,6 +757,19 @@ class LanguageModel:
   @property
   def eos_id(self) -> int | None:
     return self.tokenizer.eos_id
+
+  @property
+  def prepend_bos(self) -> bool:
+    """True if the tokenizer's config puts BOS before a text (e.g. Gemma).
+
+    Contexts for harvesting and evaluation then start with `bos_id`.
+    """
+    return self.tokenizer.add_bos
+
+  @property
+  def context_bos_id(self) -> int | None:
+    """The id that starts every context (`bos_id` if `prepend_bos`), or None."""
+    return self.bos_id if self.prepend_bos else None
 
   def __repr__(self) -> str:
     name = os.path.basename(self.path) or "?"

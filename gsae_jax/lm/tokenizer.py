@@ -1,4 +1,4 @@
-"""A byte-level BPE tokenizer rebuilt from a GGUF file's vocabulary.
+"""The tokenizer: rebuilt from a GGUF file's vocabulary, or read from tokenizer.json.
 
 GGUF files written by llama.cpp's converter carry the tokenizer as metadata:
 `tokenizer.ggml.tokens` (byte-level strings, GPT-2 style), `.merges` ("a b"
@@ -7,6 +7,8 @@ with HF `tokenizers` as SmolLM2's tokenizer.json defines it: BPE, the
 pre-tokenizer Digits(individual_digits=True) then ByteLevel with the GPT-2
 regex split and no prefix space, a ByteLevel decoder, and the control tokens
 as special tokens (matched whole, never split). No BOS is added by default.
+A Hugging Face checkpoint's tokenizer.json is read as it is
+(`Tokenizer.from_tokenizers`, lm/hf.py).
 """
 
 from __future__ import annotations
@@ -62,7 +64,11 @@ class Tokenizer:
     bos_id: the beginning-of-sequence id from the file (None if absent).
     eos_id: the end-of-sequence id from the file (None if absent).
     special_ids: ids of control tokens.
+    add_bos: whether the model's tokenizer config puts BOS before a text
+      (False for GGUF files; `encode` adds it only when asked).
   """
+
+  add_bos = False
 
   def __init__(
       self,
@@ -125,6 +131,32 @@ class Tokenizer:
         ]
     )
     self._tok = tok
+
+  @classmethod
+  def from_tokenizers(
+      cls,
+      tok: tokenizers.Tokenizer,
+      bos_id: int | None = None,
+      eos_id: int | None = None,
+      add_bos: bool = False,
+  ) -> Tokenizer:
+    """Wraps a ready `tokenizers.Tokenizer` (e.g. read from tokenizer.json).
+
+    Args:
+      tok: the tokenizer; its post-processor is bypassed (ids come from
+        encode(add_special_tokens=False)) and BOS is added by `encode` only.
+      bos_id: beginning-of-sequence id.
+      eos_id: end-of-sequence id.
+      add_bos: the model's rule (see the class docstring).
+    """
+    self = cls.__new__(cls)
+    self._tok = tok
+    self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, bool(add_bos)
+    self.special_ids = tuple(
+        sorted(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+    )
+    return self
 
   @classmethod
   def from_gguf(cls, reader: Any) -> Tokenizer:
