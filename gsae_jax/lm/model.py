@@ -787,6 +787,14 @@ class LanguageModel:
     """Parses and checks a hook site name against this model's depth."""
     return parse_site(site, self.config.n_layers)
 
+  def check_seq_len(self, seq: int) -> None:
+    """Raises ValueError if `seq` tokens are more than this model can run.
+
+    Mistral (its sliding window) and GPT-2 (its learned positions) have a
+    limit; the others have none.
+    """
+    _check_seq(self.config, int(seq))
+
   def _ids(self, ids: Any) -> jax.Array:
     if isinstance(ids, jax.Array):
       array = ids
