@@ -34,7 +34,9 @@ def _contexts(model, h: ml_collections.ConfigDict):
   docs = text.iter_documents(
       h.dataset, split=h.split, data_dir=h.data_dir or None, text_key=h.text_key
   )
-  return text.iter_contexts(docs, model, int(h.context_len))
+  # BOS first where the model's tokenizer config says so (e.g. Gemma).
+  bos_id = getattr(model, 'context_bos_id', None)
+  return text.iter_contexts(docs, model, int(h.context_len), bos_id=bos_id)
 
 
 def harvest(
@@ -56,7 +58,8 @@ def harvest(
   text.get_builder(h.dataset, h.data_dir or None)
   model = model or lm_lib.load(_model_path(h))
   model.site(h.site)  # a bad site fails here, before any work
-  model_name = os.path.basename(model.path)
+  model.check_seq_len(int(h.context_len))  # and a context the model cannot run
+  model_name = getattr(model, 'name', '') or os.path.basename(model.path)
   manifest_path = os.path.join(cache_dir, cache_lib.MANIFEST)
   if os.path.exists(manifest_path):
     done = cache_lib.Cache(cache_dir, d_in=model.d_model, verify='none')

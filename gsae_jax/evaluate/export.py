@@ -59,7 +59,9 @@ def _model_names(model_path: str) -> tuple[str, str]:
   """(model_name for SAELens, GGUF file name) of config.harvest.model."""
   if not model_path:
     return BUNDLED_MODEL_NAME, lm_lib.DEFAULT_GGUF
-  file = os.path.basename(model_path)
+  file = os.path.basename(os.path.abspath(model_path))
+  if lm_lib.is_checkpoint(model_path):  # a Hugging Face checkpoint directory
+    return lm_lib.checkpoint_name(model_path), file
   return os.path.splitext(file)[0], file
 
 
@@ -144,7 +146,12 @@ def saelens_config(sae: api.SAE, architecture: str | None = None) -> dict[str, A
       'context_size': None if synthetic else int(c.harvest.context_len),
       'dataset_path': None if synthetic else c.harvest.dataset,
       'dataset_trust_remote_code': False,
-      'prepend_bos': False,  # SmolLM2 adds no BOS (docs/design.md §3)
+      # SmolLM2 adds no BOS (docs/design.md §3); Gemma's tokenizer does.
+      'prepend_bos': bool(
+          not synthetic
+          and lm_lib.is_checkpoint(c.harvest.model)
+          and lm_lib.hf.adds_bos(c.harvest.model)
+      ),
       'seqpos_slice': [1, None],  # position 0 (attention sink) was dropped
       'model_from_pretrained_kwargs': {},
       'sae_lens_training_version': None,

@@ -288,7 +288,12 @@ def evaluate(
   per_context = context_len - 1  # positions 1.. of each context
   n_contexts = max(1, -(-int(num_tokens) // per_context))
   contexts = list(
-      itertools.islice(text.iter_contexts(docs, lm, context_len), n_contexts)
+      itertools.islice(
+          text.iter_contexts(
+              docs, lm, context_len, bos_id=getattr(lm, 'context_bos_id', None)
+          ),
+          n_contexts,
+      )
   )
   if not contexts:
     raise ValueError(
