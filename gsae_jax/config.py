@@ -83,7 +83,8 @@ def _fields() -> tuple[Field, ...]:
       F(
           'harvest.model',
           '',
-          "A Llama-family GGUF file; '' = the bundled SmolLM2-135M.",
+          'A Llama-family GGUF file or a Hugging Face checkpoint directory '
+          "(docs/models.md); '' = the bundled SmolLM2-135M.",
       ),
       F(
           'harvest.site',
