@@ -44,7 +44,7 @@ CONFIG, INDEX, WEIGHTS = (
 )
 TOKENIZER, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
 # Buffers some checkpoints carry that the forward pass recomputes.
-_IGNORED = re.compile(r".*(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
+_IGNORED = re.compile(r"(.*\.)?(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
 _SAFETENSORS_DTYPES = ("F32", "F16", "BF16")
 
 

@@ -1,9 +1,13 @@
 """The language model used for harvesting activations and splicing SAEs back in.
 
-A Llama-family transformer read from a GGUF file (the bundled default is
-SmolLM2-135M-Instruct, docs/design.md §3) and run in JAX as plain functions over a pytree
-of float32 arrays. The architecture comes from the file's metadata, nothing is
-specific to one model size:
+A decoder-only transformer read from a Llama-family GGUF file (the bundled
+default is SmolLM2-135M-Instruct, docs/design.md §3) or a Hugging Face checkpoint
+(lm/hf.py: llama, qwen2, qwen3, mistral, gemma2, gpt2; docs/models.md), run in
+JAX as plain functions over a pytree of float32 arrays. The architecture comes
+from the file's metadata, nothing is specific to one model size. The Llama
+block (the other families differ in the `ModelConfig` fields after the first
+twelve: biases, q/k norms, post-norms, soft-capping, sliding windows, learned
+positions, LayerNorm and GELU):
 
   resid_pre  = embed[ids]                     (layer 0)
   attn_out   = Attention(RMSNorm(resid_pre))  (GQA, causal, RoPE on q and k)
@@ -25,7 +29,9 @@ residual-stream sites sit between blocks (resid_post of layer L is resid_pre
 of layer L + 1, the scan's carry), so reading or splicing them splits the scan
 in two and every block still runs the one compiled body, so an identity
 splice there gives exactly the clean run's numbers (tests/lm/test_model.py checks
-equality, not closeness). Sites inside a block (attn_out, resid_mid, mlp_out)
+equality, not closeness) when both scans run two or more layers; XLA inlines a
+one-layer scan, and that inlined block can round differently in the last bits
+(tests/lm/test_hf.py). Sites inside a block (attn_out, resid_mid, mlp_out)
 run that one block outside the scan, which can differ from the clean run in
 the last bits.
 
@@ -594,7 +600,7 @@ def run_logits(
   """Logits [batch, seq, vocab], optionally with an activation spliced.
 
   Args:
-    params: the parameter pytree (`read_gguf` layout).
+    params: the parameter pytree (`read_gguf` / `read_hf` layout).
     config: the architecture.
     ids: token ids [batch, seq].
     site: hook site to splice at (None = clean run).
