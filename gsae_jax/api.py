@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from gsae_jax import backends
 from gsae_jax import config as config_lib
 from gsae_jax.sae import models
 from gsae_jax.train import checkpoints
@@ -41,7 +42,7 @@ class SAE:
     self.step = step
     self.index = index
     self.norm_scale = norm_scale
-    self.spec = models.SAESpec.from_config(config.sae)
+    self.spec = backends.resolve(models.SAESpec.from_config(config.sae))
     self._jparams = {k: jnp.asarray(v) for k, v in params.items()}
 
   @property
@@ -70,10 +71,18 @@ class SAE:
     out = self._decode(self._jparams, jnp.asarray(f, jnp.float32))
     return np.asarray(out) if isinstance(f, np.ndarray) else out
 
+  @property
+  def sparsity(self) -> tuple[str, float]:
+    """(name, value) of the knob that set this SAE's sparsity: l1_coeff,
+    l0_coeff or k."""
+    name = models.SPARSITY_KNOB[self.architecture]
+    return name, self.config.sae[name]
+
   def __repr__(self) -> str:
+    knob, value = self.sparsity
     return (
         f'SAE({self.architecture}, d_in={self.d_in}, d_sae={self.d_sae}, '
-        f'l1_coeff={self.config.sae.l1_coeff}, step={self.step}, index={self.index})'
+        f'{knob}={value}, step={self.step}, index={self.index})'
     )
 
 

@@ -31,10 +31,20 @@ RESUMABLE_FIELDS = (
     'eval.',
 )
 # Hyperparameters that may differ between the SAEs of one compiled program.
-STACK_FIELDS = ('l1_coeff', 'lr', 'lr_warmup_steps', 'l1_warmup_steps', 'seed')
+STACK_FIELDS = (
+    'l1_coeff',
+    'l0_coeff',
+    'k',
+    'lr',
+    'lr_warmup_steps',
+    'l1_warmup_steps',
+    'seed',
+)
 # Where each stackable field lives in the config.
 STACK_FIELD_HOME = {
     'l1_coeff': 'sae.l1_coeff',
+    'l0_coeff': 'sae.l0_coeff',
+    'k': 'sae.k',
     'lr': 'train.lr',
     'lr_warmup_steps': 'train.lr_warmup_steps',
     'l1_warmup_steps': 'train.l1_warmup_steps',
@@ -164,7 +174,7 @@ def _fields() -> tuple[Field, ...]:
       F(
           'sae.architecture',
           'gated',
-          'SAE architecture [P §2, §3.2].',
+          'SAE architecture (docs/design.md §1 cites each paper).',
           models.ARCHITECTURES,
       ),
       F('sae.d_in', 64, "Input width; for a cache source, the cache's d_in."),
@@ -172,12 +182,52 @@ def _fields() -> tuple[Field, ...]:
       F(
           'sae.l1_coeff',
           1e-3,
-          'Sparsity coefficient lambda, under sae.loss_scale and the E||x||^2 = d_in normalisation.',
+          'L1 coefficient lambda (gated, baseline), under sae.loss_scale and the E||x||^2 = d_in normalisation.',
+      ),
+      F(
+          'sae.l0_coeff',
+          1e-3,
+          "L0 coefficient lambda of a jumprelu SAE [J §3]; equals the paper's lambda under loss_scale mean.",
+      ),
+      F(
+          'sae.k',
+          32,
+          'Active latents per example of topk, batchtopk and matryoshka_batchtopk SAEs [T §2.3, B §3].',
+      ),
+      F(
+          'sae.jumprelu_bandwidth',
+          1e-3,
+          "Bandwidth epsilon of the JumpReLU pseudo-derivatives [J §4], in the paper's units (E||x||^2 = 1; x sqrt(d_in) here).",
+      ),
+      F(
+          'sae.jumprelu_init_threshold',
+          1e-3,
+          "Initial JumpReLU threshold [J App.], in the paper's units (x sqrt(d_in) here).",
+      ),
+      F(
+          'sae.aux_k',
+          0,
+          'Dead latents the AuxK loss uses per example [T App. A.2]; 0 = d_in // 2.',
+      ),
+      F(
+          'sae.aux_coeff',
+          1 / 32,
+          'Coefficient alpha of the AuxK loss [T App. A.2].',
+      ),
+      F(
+          'sae.batchtopk_threshold_rate',
+          0.01,
+          'Update rate of the running BatchTopK inference threshold [B §3] per step.',
+      ),
+      F(
+          'sae.matryoshka_prefixes',
+          (0.0625, 0.125, 0.25, 0.5, 1.0),
+          'Nested prefixes of a matryoshka_batchtopk dictionary, as fractions of d_sae [M §3].',
       ),
       F(
           'sae.sparsity',
           'l1',
-          "Penalty form: 'l1' (paper: unit-norm decoder) or decoder-norm weighted variants.",
+          "Penalty form: 'l1' (paper: unit-norm decoder; the only one for architectures other than gated and baseline) or decoder-norm weighted variants.",
           models.SPARSITY_PENALTIES,
       ),
       F(
@@ -197,6 +247,12 @@ def _fields() -> tuple[Field, ...]:
           'auto',
           "Formulation of the training step (gsae_jax/backends): 'auto' picks by backend from docs/benchmarks.md.",
           STEP_IMPLS,
+      ),
+      F(
+          'sae.select_impl',
+          'auto',
+          "How the TopK family finds its k-th largest value (gsae_jax/sae/select.py): 'auto' picks by backend.",
+          models.SELECT_IMPLS,
       ),
       # Optimisation.
       F(
@@ -224,7 +280,7 @@ def _fields() -> tuple[Field, ...]:
       F(
           'train.l1_warmup_steps',
           0,
-          'Linear warm-up of the sparsity coefficient from 0.',
+          'Linear warm-up of the sparsity coefficient (l1_coeff or l0_coeff) from 0.',
       ),
       F(
           'train.normalize_activations',
@@ -275,7 +331,9 @@ def _fields() -> tuple[Field, ...]:
           (),
           'Grid axis: widths (baseline widths are multiplied by baseline_width_factor).',
       ),
-      F('sweep.l1_coeff', (), 'Grid axis: sparsity coefficients.'),
+      F('sweep.l1_coeff', (), 'Grid axis: L1 coefficients (gated, baseline).'),
+      F('sweep.l0_coeff', (), 'Grid axis: L0 coefficients (jumprelu).'),
+      F('sweep.k', (), 'Grid axis: k (topk, batchtopk, matryoshka_batchtopk).'),
       F('sweep.lr', (), 'Grid axis: learning rates.'),
       F('sweep.lr_warmup_steps', (), 'Grid axis: lr warm-up lengths.'),
       F('sweep.l1_warmup_steps', (), 'Grid axis: sparsity warm-up lengths.'),
@@ -284,6 +342,11 @@ def _fields() -> tuple[Field, ...]:
           'sweep.baseline_width_factor',
           1.0,
           'Equal compute as in [P]: baseline SAEs get this times the swept d_sae.',
+      ),
+      F(
+          'sweep.width_factors',
+          (),
+          'Equal compute per architecture: (architecture, factor) pairs multiplying the swept d_sae (overrides baseline_width_factor).',
       ),
       # The SAEs of one compiled program, set by launch.sweep for a group.
       *(
@@ -418,6 +481,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field, value in (('sae.d_in', sae.d_in), ('sae.d_sae', sae.d_sae)):
     _require(isinstance(value, int) and value > 0, field, f'must be > 0, got {value}')
   _require(sae.l1_coeff >= 0, 'sae.l1_coeff', f'must be >= 0, got {sae.l1_coeff}')
+  _validate_architecture(config)
   _require(train.lr > 0, 'train.lr', f'must be > 0, got {train.lr}')
   for field in ('batch_size', 'num_steps', 'norm_estimate_batches'):
     v = train[field]
@@ -500,12 +564,66 @@ def validate_harvest(config: ml_collections.ConfigDict) -> None:
   )
 
 
+def _validate_architecture(config: ml_collections.ConfigDict) -> None:
+  """The fields of config.sae that only some architectures read."""
+  sae, arch = config.sae, config.sae.architecture
+  _require(sae.l0_coeff >= 0, 'sae.l0_coeff', f'must be >= 0, got {sae.l0_coeff}')
+  top = sae.d_sae if arch in models.TOPK_FAMILY else float('inf')
+  for v in (sae.k,) + tuple(config.stack.k):
+    _require(
+        isinstance(v, int) and 1 <= v <= top,
+        'sae.k',
+        f'must be an int in [1, d_sae={sae.d_sae}], got {v!r}',
+    )
+  for name in ('jumprelu_bandwidth', 'jumprelu_init_threshold'):
+    _require(sae[name] > 0, f'sae.{name}', f'must be > 0, got {sae[name]}')
+  _require(
+      isinstance(sae.aux_k, int) and sae.aux_k >= 0,
+      'sae.aux_k',
+      f'must be an int >= 0, got {sae.aux_k!r}',
+  )
+  _require(sae.aux_coeff >= 0, 'sae.aux_coeff', f'must be >= 0, got {sae.aux_coeff}')
+  rate = sae.batchtopk_threshold_rate
+  _require(
+      0 < rate <= 1, 'sae.batchtopk_threshold_rate', f'must be in (0, 1], got {rate}'
+  )
+  prefixes = tuple(sae.matryoshka_prefixes)
+  _require(
+      bool(prefixes)
+      and all(0 < p <= 1 for p in prefixes)
+      and all(a < b for a, b in zip(prefixes, prefixes[1:], strict=False)),
+      'sae.matryoshka_prefixes',
+      f'must be increasing fractions in (0, 1], got {prefixes}',
+  )
+  archs = set(config.sweep.architecture) | {arch}
+  for a in sorted(archs - set(models.L1_FAMILY)):
+    _require(
+        sae.sparsity == 'l1',
+        'sae.sparsity',
+        f"{a} SAEs train with the unit-norm decoder only ('l1'), got {sae.sparsity!r}",
+    )
+    _require(
+        sae.step_impl != 'custom_vjp',
+        'sae.step_impl',
+        f"'custom_vjp' covers gated and baseline SAEs only, not {a}",
+    )
+    if config.resample.enabled:
+      _require(
+          a == 'jumprelu',
+          'resample.enabled',
+          f'{a} SAEs revive dead latents with the AuxK loss, not resampling',
+      )
+
+
 def _validate_sweep(config: ml_collections.ConfigDict) -> None:
   sweep, stack = config.sweep, config.stack
   for name in (
       'architecture',
       'd_sae',
       'l1_coeff',
+      'l0_coeff',
+      'k',
+      'width_factors',
       'lr',
       'lr_warmup_steps',
       'l1_warmup_steps',
@@ -520,6 +638,8 @@ def _validate_sweep(config: ml_collections.ConfigDict) -> None:
     _require(isinstance(v, int) and v > 0, 'sweep.d_sae', f'must be > 0, got {v}')
   for name, ok, what in (
       ('l1_coeff', lambda v: v >= 0, '>= 0'),
+      ('l0_coeff', lambda v: v >= 0, '>= 0'),
+      ('k', lambda v: isinstance(v, int) and v >= 1, 'an int >= 1'),
       ('lr', lambda v: v > 0, '> 0'),
       ('lr_warmup_steps', lambda v: v >= 0, '>= 0'),
       ('l1_warmup_steps', lambda v: v >= 0, '>= 0'),
@@ -532,6 +652,19 @@ def _validate_sweep(config: ml_collections.ConfigDict) -> None:
       'sweep.baseline_width_factor',
       f'must be > 0, got {sweep.baseline_width_factor}',
   )
+  for pair in sweep.width_factors:
+    ok = (
+        isinstance(pair, tuple)
+        and len(pair) == 2
+        and pair[0] in models.ARCHITECTURES
+        and isinstance(pair[1], (int, float))
+        and pair[1] > 0
+    )
+    _require(
+        ok,
+        'sweep.width_factors',
+        f'entries are (architecture, factor > 0) pairs, got {pair!r}',
+    )
   lengths = {name: len(stack[name]) for name in STACK_FIELDS if len(stack[name])}
   _require(
       len(set(lengths.values())) <= 1,

@@ -7,8 +7,11 @@ r"""Exports the SAEs of a run or sweep to SAELens, JumpReLU or npz files.
 Each SAE goes to <out>/sae_<index> (a SAELens directory: cfg.json,
 sae_weights.safetensors and, after launch.evaluate, sparsity.safetensors) or
 <out>/sae_<index>.npz. Weights are in raw activation units (normalisation
-folded in). --format=jumprelu writes gated SAEs as SAELens JumpReLU SAEs (the
-exact equivalent, [P App. E]) and skips baseline ones.
+folded in). Each architecture is written as SAELens's own (jumprelu; topk with
+its k; BatchTopK and Matryoshka as jumprelu with their inference threshold).
+--format=jumprelu also writes gated SAEs as SAELens JumpReLU SAEs (the exact
+equivalent, [P App. E]) and skips SAEs with no JumpReLU form (baseline,
+topk).
 """
 
 from absl import flags

@@ -12,6 +12,7 @@ import itertools
 
 from absl import flags
 
+from gsae_jax.sae import models
 from gsae_jax.train import planner
 from launch import cli
 
@@ -26,7 +27,7 @@ _MESH = flags.DEFINE_string(
 _CHIP = flags.DEFINE_enum('chip', 'tpu-v5p', list(planner.CHIPS), 'For step times.')
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['float32', 'bfloat16'], 'Compute.')
 _DEVICE_GIB = flags.DEFINE_float('device_gib', 95.0, 'Device memory (GiB).')
-_ARCH = flags.DEFINE_enum('architecture', 'gated', ['gated', 'baseline'], 'SAE.')
+_ARCH = flags.DEFINE_enum('architecture', 'gated', list(models.ARCHITECTURES), 'SAE.')
 
 
 def _meshes(n: int):

@@ -34,8 +34,8 @@ def test_every_field_has_a_description_and_valid_default():
     [
         (
             'sae.architecture',
-            'topk',
-            r"config\.sae\.architecture: 'topk' is not one of",
+            'sparse_coding',
+            r"config\.sae\.architecture: 'sparse_coding' is not one of",
         ),
         ('sae.step_impl', 'fast', r"config\.sae\.step_impl: 'fast' is not one of"),
         (
@@ -59,8 +59,8 @@ def test_validate_names_the_bad_field(field, value, message):
 
 def test_sweep_axis_options_come_from_the_schema():
   c = synthetic.get_config('test')
-  c.sweep.architecture = ('gated', 'jumprelu')
-  with pytest.raises(ValueError, match=r"config\.sweep\.architecture: 'jumprelu'"):
+  c.sweep.architecture = ('gated', 'crosscoder')
+  with pytest.raises(ValueError, match=r"config\.sweep\.architecture: 'crosscoder'"):
     config_lib.validate(c)
 
 

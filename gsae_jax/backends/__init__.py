@@ -9,6 +9,12 @@ is chosen explicitly by `config.sae.step_impl`:
                 plain XLA ops (a CPU cache design);
   'auto'        custom_vjp on the CPU backend, autodiff elsewhere: the
                 choice docs/benchmarks.md measured ("Choosing step_impl").
+                custom_vjp covers gated and baseline SAEs; the other
+                architectures always run the reference.
+
+`sae.select_impl` likewise picks how the TopK family finds its k-th largest
+value (gsae_jax/sae/select.py): 'auto' is 'bisect' on the CPU backend and
+lax.top_k elsewhere (docs/benchmarks.md, "Selecting the top k").
 
 This is the one place that looks at jax.default_backend() to pick a step.
 `sae.compute_dtype` stays float32 by default on every backend:
@@ -20,6 +26,7 @@ training loop says so when bfloat16 is asked for on such a CPU
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -30,26 +37,59 @@ from gsae_jax.sae import models
 STEP_IMPLS = ('auto', 'autodiff', 'custom_vjp')
 
 
-def resolve_step_impl(step_impl: str, backend: str | None = None) -> str:
+def resolve_step_impl(
+    step_impl: str, backend: str | None = None, architecture: str = 'gated'
+) -> str:
   """'autodiff' or 'custom_vjp' for `step_impl` on `backend` (default: JAX's)."""
   if step_impl not in STEP_IMPLS:
     raise ValueError(f'config.sae.step_impl: {step_impl!r} is not one of {STEP_IMPLS}')
   if step_impl != 'auto':
     return step_impl
+  if architecture not in models.L1_FAMILY:
+    return 'autodiff'
   backend = backend or jax.default_backend()
   return 'custom_vjp' if backend == 'cpu' else 'autodiff'
 
 
+def resolve_select_impl(select_impl: str, backend: str | None = None) -> str:
+  """'top_k' or 'bisect' for `select_impl` on `backend` (default: JAX's)."""
+  if select_impl not in models.SELECT_IMPLS:
+    raise ValueError(
+        f'config.sae.select_impl: {select_impl!r} is not one of {models.SELECT_IMPLS}'
+    )
+  if select_impl != 'auto':
+    return select_impl
+  return 'bisect' if (backend or jax.default_backend()) == 'cpu' else 'top_k'
+
+
+def resolve(spec: models.SAESpec) -> models.SAESpec:
+  """`spec` with its step_impl and select_impl chosen for this backend."""
+  return dataclasses.replace(
+      spec,
+      step_impl=resolve_step_impl(spec.step_impl, architecture=spec.architecture),
+      select_impl=resolve_select_impl(spec.select_impl),
+  )
+
+
 def stacked_forward(
-    spec: models.SAESpec, params: models.Params, x, l1_coeff, latent_sharding=None
+    spec: models.SAESpec,
+    params: models.Params,
+    x,
+    sparsity_coeff,
+    latent_sharding=None,
+    k=None,
+    dead=None,
 ) -> dict:
   """The training forward of a stack of SAEs, by spec.step_impl.
 
   Same arguments and outputs as gsae_jax.sae.models.stacked_forward.
   """
-  if resolve_step_impl(spec.step_impl) == 'custom_vjp':
-    return custom_vjp.stacked_forward(spec, params, x, l1_coeff, latent_sharding)
-  return models.stacked_forward(spec, params, x, l1_coeff, latent_sharding)
+  spec = resolve(spec)
+  if spec.step_impl == 'custom_vjp':
+    return custom_vjp.stacked_forward(spec, params, x, sparsity_coeff, latent_sharding)
+  return models.stacked_forward(
+      spec, params, x, sparsity_coeff, latent_sharding, k, dead
+  )
 
 
 @functools.lru_cache(maxsize=1)

@@ -17,13 +17,17 @@ docs/design.md §1, so cfg.json says normalize_activations 'none'):
   f = ReLU(pi_mag) * 1[pi_mag > theta] (the ReLU matters where theta < 0).
   Written as SAELens's 'jumprelu' architecture: W_enc * exp(r_mag), b_enc =
   b_mag, threshold = theta, W_dec, b_dec.
+- The other architectures use SAELens's own: jumprelu as 'jumprelu'
+  (threshold = exp(log_threshold)); topk as 'topk' with its k; BatchTopK and
+  Matryoshka BatchTopK as 'jumprelu' with every threshold equal to the one
+  global inference threshold [B §3] (SAELens saves its own BatchTopK SAEs so).
 - npz: the parameters as named arrays plus '__metadata__' (a JSON string
   with the run's config).
 
-`from_saelens` reads any of the three SAELens architectures into this
-library's parameterisation (a JumpReLU becomes a gated SAE with r_mag = 0 and
-b_gate = b_enc - threshold; apply_b_dec_to_input=False is folded into the
-encoder biases), and `load_saelens` / `load_npz` give `gsae_jax.SAE` objects.
+`from_saelens` reads SAELens's standard, gated, jumprelu and topk
+architectures into this library's parameterisation (a JumpReLU becomes a gated
+SAE with r_mag = 0 and b_gate = b_enc - threshold; apply_b_dec_to_input=False
+is folded into the encoder biases), and `load_saelens` / `load_npz` give `gsae_jax.SAE` objects.
 """
 
 from __future__ import annotations
@@ -49,8 +53,17 @@ _PARAM_NAMES = {
     'gated': ('W_enc', 'b_gate', 'r_mag', 'b_mag', 'W_dec', 'b_dec'),
     'standard': ('W_enc', 'b_enc', 'W_dec', 'b_dec'),
     'jumprelu': ('W_enc', 'b_enc', 'threshold', 'W_dec', 'b_dec'),
+    'topk': ('W_enc', 'b_enc', 'W_dec', 'b_dec'),
 }
-_SAELENS_ARCH = {'gated': 'gated', 'baseline': 'standard'}
+# The SAELens architecture each of ours is written as.
+_SAELENS_ARCH = {
+    'gated': 'gated',
+    'baseline': 'standard',
+    'jumprelu': 'jumprelu',
+    'topk': 'topk',
+    'batchtopk': 'jumprelu',
+    'matryoshka_batchtopk': 'jumprelu',
+}
 # The bundled GGUF file is a Q4_1 quantisation of this Hugging Face model.
 BUNDLED_MODEL_NAME = 'HuggingFaceTB/SmolLM2-135M-Instruct'
 
@@ -101,6 +114,31 @@ def jumprelu_encode(params: dict[str, Any], x: Any) -> np.ndarray:
   return np.where(pre > p['threshold'], np.maximum(pre, 0), 0).astype(dtype)
 
 
+def saelens_params(sae: api.SAE, jumprelu: bool = False) -> tuple[str, dict]:
+  """(SAELens architecture, its float32 tensors) of an SAE (module docstring).
+
+  jumprelu: write a gated SAE as SAELens's 'jumprelu' (the others keep their
+  own form, which for jumprelu and the BatchTopK architectures is jumprelu).
+  """
+  arch = sae.architecture
+  p = {k: np.asarray(v, np.float32) for k, v in sae.params.items()}
+  if arch == 'gated' and jumprelu:
+    return 'jumprelu', jumprelu_params(p)
+  if jumprelu and _SAELENS_ARCH[arch] != 'jumprelu':
+    raise ValueError(
+        f'SAE index {sae.index} is {arch}, which has no JumpReLU form; export it '
+        "with format 'saelens'"
+    )
+  if arch == 'jumprelu':
+    p['threshold'] = np.exp(p.pop('log_threshold'))
+  elif arch in ('batchtopk', 'matryoshka_batchtopk'):
+    # -1 (never estimated, no training step) behaves as 0: a plain ReLU.
+    theta = max(float(p.pop('threshold')), 0.0)
+    p['threshold'] = np.full((sae.d_sae,), theta, np.float32)
+  saelens_arch = _SAELENS_ARCH[arch]
+  return saelens_arch, {k: p[k] for k in _PARAM_NAMES[saelens_arch]}
+
+
 def _gated_from_jumprelu(p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """A JumpReLU as a gated SAE: r_mag = 0, b_mag = b_enc, b_gate = b_enc - theta."""
   return {
@@ -121,6 +159,10 @@ def saelens_config(sae: api.SAE, architecture: str | None = None) -> dict[str, A
   """cfg.json contents for an SAE ('gated' / 'standard' / 'jumprelu')."""
   c = sae.config
   architecture = architecture or _SAELENS_ARCH[sae.architecture]
+  topk = {}
+  if architecture == 'topk':
+    k = int(c.sae.k)
+    topk = {'k': k, 'rescale_acts_by_decoder_norm': False}
   synthetic = c.data.source == 'synthetic'
   site = 'synthetic' if synthetic else c.harvest.site
   layer = None if synthetic else lm_lib.parse_site(site).layer
@@ -137,9 +179,10 @@ def saelens_config(sae: api.SAE, architecture: str | None = None) -> dict[str, A
       'hook_name': site,
       'hook_layer': layer,
       'hook_head_index': None,
-      'activation_fn_str': 'relu',
-      'activation_fn': 'relu',
-      'activation_fn_kwargs': {},
+      'activation_fn_str': 'topk' if topk else 'relu',
+      'activation_fn': 'topk' if topk else 'relu',
+      'activation_fn_kwargs': {'k': topk['k']} if topk else {},
+      **topk,
       'apply_b_dec_to_input': True,
       'finetuning_scaling_factor': False,
       'normalize_activations': 'none',  # the scalar is folded into the weights
@@ -185,22 +228,14 @@ def to_saelens(
   Args:
     sae: a `gsae_jax.SAE`.
     out_dir: the directory to write (created).
-    jumprelu: write a gated SAE as SAELens's 'jumprelu' architecture.
+    jumprelu: write a gated SAE as SAELens's 'jumprelu' architecture (see
+      `saelens_params`).
     firing_frequency: per-latent firing frequency [d_sae] (from evaluation),
       written as sparsity.safetensors (log10(freq + 1e-10)).
   """
   from safetensors.numpy import save_file  # noqa: PLC0415 (optional dependency)
 
-  if jumprelu and sae.architecture != 'gated':
-    raise ValueError(
-        f'only gated SAEs have a JumpReLU form; SAE index {sae.index} is '
-        f'{sae.architecture}'
-    )
-  if jumprelu:
-    arch, params = 'jumprelu', jumprelu_params(sae.params)
-  else:
-    arch = _SAELENS_ARCH[sae.architecture]
-    params = {k: np.asarray(sae.params[k], np.float32) for k in _PARAM_NAMES[arch]}
+  arch, params = saelens_params(sae, jumprelu)
   os.makedirs(out_dir, exist_ok=True)
   tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}
   save_file(tensors, os.path.join(out_dir, SAELENS_WEIGHTS))
@@ -223,9 +258,9 @@ def to_saelens(
 def from_saelens(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """Reads a SAELens directory into (params, metadata).
 
-  params are float32 NumPy arrays in this library's gated or baseline form
-  (see the module docstring); metadata is cfg.json with 'architecture' set to
-  'gated' or 'baseline' and 'saelens_architecture' to the file's.
+  params are float32 NumPy arrays in this library's gated, baseline or topk
+  form (see the module docstring); metadata is cfg.json with 'architecture'
+  set to ours and 'saelens_architecture' to the file's.
   """
   from safetensors.numpy import load_file  # noqa: PLC0415
 
@@ -274,8 +309,20 @@ def from_saelens(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   if arch == 'jumprelu':
     p = _gated_from_jumprelu(p)
   meta = dict(cfg)
+  if arch == 'topk':
+    if cfg.get('rescale_acts_by_decoder_norm'):
+      raise ValueError(
+          f'{cfg_path}: rescale_acts_by_decoder_norm is not supported; fold the '
+          'decoder norms into the weights first'
+      )
+    k = cfg.get('k') or (cfg.get('activation_fn_kwargs') or {}).get('k')
+    if not isinstance(k, int) or not 1 <= k <= d_sae:
+      raise ValueError(
+          f'{cfg_path}: a topk SAE needs an int k in [1, d_sae], got {k!r}'
+      )
+    meta['k'] = k
   meta['saelens_architecture'] = arch
-  meta['architecture'] = 'baseline' if arch == 'standard' else 'gated'
+  meta['architecture'] = {'standard': 'baseline', 'topk': 'topk'}.get(arch, 'gated')
   meta['d_in'], meta['d_sae'] = int(d_in), int(d_sae)
   return p, meta
 
@@ -297,6 +344,8 @@ def _config_for(meta: dict[str, Any]) -> ml_collections.ConfigDict:
   with c.unlocked():
     c.sae.architecture = meta['architecture']
     c.sae.d_in, c.sae.d_sae = meta['d_in'], meta['d_sae']
+    if 'k' in meta:
+      c.sae.k = int(meta['k'])
     hook = meta.get('hook_name') or meta.get('hook_point')
     if not stored and hook and hook != 'synthetic':
       c.data.source = 'cache'
@@ -398,12 +447,16 @@ def export_workdir(
   saes = api.load(workdir, step=step, index=index)
   saes = saes if isinstance(saes, list) else [saes]
   if format == 'jumprelu':
-    skipped = [s.index for s in saes if s.architecture != 'gated']
-    saes = [s for s in saes if s.architecture == 'gated']
+    has_form = (
+        lambda s: s.architecture == 'gated'
+        or _SAELENS_ARCH[s.architecture] == 'jumprelu'
+    )
+    skipped = [s.index for s in saes if not has_form(s)]
+    saes = [s for s in saes if has_form(s)]
     if not saes:
-      raise ValueError(f'no gated SAE in {workdir} to export as JumpReLU')
+      raise ValueError(f'no SAE in {workdir} has a JumpReLU form')
     if skipped:
-      logs.info(f'not gated, no JumpReLU form: SAE index(es) {skipped} skipped')
+      logs.info(f'no JumpReLU form: SAE index(es) {skipped} skipped')
   density_path = os.path.join(workdir, 'eval_density.npz')
   density = dict(np.load(density_path)) if os.path.exists(density_path) else {}
   paths = []

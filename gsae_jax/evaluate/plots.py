@@ -1,8 +1,9 @@
 """Plots of evaluation results (PNG, matplotlib's Agg canvas, no pyplot state).
 
-  pareto.png     L0 (log x) vs loss recovered, one series per architecture with
-                 its Pareto frontier: the paper's headline figure [P §4, Fig. 1].
-                 Synthetic runs (no LM) plot 1 - FVU instead.
+  pareto.png     L0 (log x) vs loss recovered and vs 1 - FVU, one series per
+                 architecture with its Pareto frontier: the paper's headline
+                 figure [P §4, Fig. 1]. Synthetic runs (no LM) have the FVU
+                 panel only.
   shrinkage.png  L0 vs shrinkage gamma (1 = none) [P §4, Fig. 4].
   density.png    per SAE, a histogram of log10 latent firing frequency; dead
                  latents (never fired) are counted in the panel title.
@@ -22,7 +23,14 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-_COLORS = {'gated': 'tab:blue', 'baseline': 'tab:orange'}
+_COLORS = {
+    'gated': 'tab:blue',
+    'baseline': 'tab:orange',
+    'jumprelu': 'tab:green',
+    'topk': 'tab:red',
+    'batchtopk': 'tab:purple',
+    'matryoshka_batchtopk': 'tab:brown',
+}
 
 
 def pareto_frontier(x: Sequence[float], y: Sequence[float]) -> np.ndarray:
@@ -69,32 +77,35 @@ def _log_x_if_positive(ax: Any, xs: list[float]) -> None:
 
 
 def plot_pareto(results: Sequence[dict], path: str) -> str:
-  """L0 vs loss recovered (or 1 - FVU without LM numbers), frontier per arch."""
-  use_lr = any(math.isfinite(_value(r, 'loss_recovered')) for r in results)
-  ylabel = 'loss recovered' if use_lr else '1 - FVU (variance explained)'
-
-  def y_of(r):
-    return _value(r, 'loss_recovered') if use_lr else 1.0 - _value(r, 'fvu')
-
-  fig = Figure(figsize=(6, 4.5))
-  ax = fig.add_subplot()
-  all_x = []
-  for arch, rs in sorted(_by_architecture(results).items()):
-    x = np.array([_value(r, 'l0') for r in rs])
-    y = np.array([y_of(r) for r in rs])
-    all_x += list(x)
-    color = _COLORS.get(arch)
-    ax.scatter(x, y, color=color, alpha=0.6, label=f'{arch} ({len(rs)})')
-    front = pareto_frontier(x, y)
-    if front.size:
-      ax.plot(x[front], y[front], color=color, marker='o', linewidth=1.5)
-  _log_x_if_positive(ax, all_x)
-  ax.set_xlabel('L0 (active latents per token)')
-  ax.set_ylabel(ylabel)
+  """L0 vs loss recovered and vs 1 - FVU (only the latter without LM numbers),
+  a Pareto frontier per architecture in each panel."""
+  panels = [('1 - FVU (variance explained)', lambda r: 1.0 - _value(r, 'fvu'))]
+  if any(math.isfinite(_value(r, 'loss_recovered')) for r in results):
+    panels.insert(0, ('loss recovered', lambda r: _value(r, 'loss_recovered')))
+  fig = Figure(figsize=(6 * len(panels), 4.5))
   site = results[0].get('site', '') if results else ''
-  ax.set_title(f'Sparsity vs fidelity at {site} (upper left is better)')
-  ax.grid(True, which='both', alpha=0.3)
-  ax.legend()
+  for i, (ylabel, y_of) in enumerate(panels):
+    ax = fig.add_subplot(1, len(panels), i + 1)
+    all_x = []
+    for arch, rs in sorted(_by_architecture(results).items()):
+      x = np.array([_value(r, 'l0') for r in rs])
+      y = np.array([y_of(r) for r in rs])
+      all_x += list(x)
+      color = _COLORS.get(arch)
+      ax.scatter(x, y, color=color, alpha=0.6, label=f'{arch} ({len(rs)})')
+      front = pareto_frontier(x, y)
+      if front.size:
+        ax.plot(x[front], y[front], color=color, marker='o', linewidth=1.5)
+    _log_x_if_positive(ax, all_x)
+    ax.set_xlabel('L0 (active latents per token)')
+    ax.set_ylabel(ylabel)
+    ax.set_title(
+        f'Sparsity vs {ylabel.split(" (")[0]} at {site} (upper left is better)',
+        fontsize=9,
+    )
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
   return _save(fig, path)
 
 
@@ -151,7 +162,7 @@ def plot_density(results: Sequence[dict], path: str, columns: int = 4) -> str:
     ax.set_xlim(*x_range)
     ax.axvline(-1.0, color='red', linestyle=':', linewidth=1)  # dense above 10%
     ax.set_title(
-        f'#{r["index"]} {r["architecture"]} l1={r.get("l1_coeff", math.nan):.3g}\n'
+        f'#{r["index"]} {r["architecture"]} {r.get("sparsity", "")}\n'
         f'L0 {_value(r, "l0"):.1f}, dead {int((freq == 0).sum())}/{freq.size}',
         fontsize=8,
     )

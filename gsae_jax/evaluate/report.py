@@ -93,7 +93,7 @@ def report_html(
   cache: dict[int, str] = {}
   title = (
       f'SAE #{result["index"]}: {result["architecture"]}, d_sae {result["d_sae"]}, '
-      f'l1_coeff {result.get("l1_coeff")}, {result.get("site")}'
+      f'{result.get("sparsity")}, {result.get("site")}'
   )
   summary = ', '.join(
       f'{k} {result[k]:.4g}'

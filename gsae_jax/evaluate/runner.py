@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsae_jax import files, logs
+from gsae_jax import backends, files, logs
 from gsae_jax.data import harvest
 from gsae_jax.evaluate import metrics
 from gsae_jax.sae import models
@@ -71,6 +71,9 @@ IDENTITY_KEYS = (
     'd_in',
     'd_sae',
     'l1_coeff',
+    'l0_coeff',
+    'k',
+    'sparsity',
     'lr',
     'seed',
     'loss_scale',
@@ -93,6 +96,9 @@ def describe(sae: Any) -> dict[str, Any]:
       'd_in': int(c.sae.d_in),
       'd_sae': int(c.sae.d_sae),
       'l1_coeff': float(c.sae.l1_coeff),
+      'l0_coeff': float(c.sae.l0_coeff),
+      'k': int(c.sae.k),
+      'sparsity': sparsity_label(c),
       'lr': float(c.train.lr),
       'seed': int(c.seed),
       'loss_scale': c.sae.loss_scale,
@@ -101,8 +107,17 @@ def describe(sae: Any) -> dict[str, Any]:
   }
 
 
+def sparsity_label(config) -> str:
+  """The SAE's sparsity knob as text: 'l1=0.003', 'l0=0.001' or 'k=32'."""
+  knob = models.SPARSITY_KNOB[config.sae.architecture]
+  short = {'l1_coeff': 'l1', 'l0_coeff': 'l0', 'k': 'k'}[knob]
+  return f'{short}={config.sae[knob]:.3g}'
+
+
 def _spec(sae: Any) -> models.SAESpec:
-  return models.SAESpec.from_config(sae.config.sae)
+  return getattr(sae, 'spec', None) or backends.resolve(
+      models.SAESpec.from_config(sae.config.sae)
+  )
 
 
 def _device_params(sae: Any) -> dict[str, jax.Array]:
@@ -649,9 +664,9 @@ def format_table(results: Sequence[dict]) -> str:
   """A plain-text table of the headline numbers, one line per SAE."""
   cols = [
       ('index', '{:>5}'),
-      ('architecture', '{:>9}'),
+      ('architecture', '{:>20}'),
       ('d_sae', '{:>6}'),
-      ('l1_coeff', '{:>9.3g}'),
+      ('sparsity', '{:>9}'),
       ('l0', '{:>8.2f}'),
       ('fvu', '{:>7.4f}'),
       ('shrinkage_gamma', '{:>6.3f}'),
@@ -664,7 +679,7 @@ def format_table(results: Sequence[dict]) -> str:
       'index',
       'arch',
       'd_sae',
-      'l1',
+      'sparsity',
       'L0',
       'FVU',
       'gamma',

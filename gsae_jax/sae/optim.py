@@ -1,6 +1,7 @@
 """Optimisation: Adam, schedules, the unit-norm decoder, latent resampling.
 
-Per-SAE hyperparameters (l1 coefficient, learning rate, warm-up lengths) are
+Per-SAE hyperparameters (sparsity coefficients and k, learning rate, warm-up
+lengths) are
 arrays in `HParams`, so a stack of SAEs trained under one jax.vmap can differ in
 all of them; schedules are pure functions of (step, hparams).
 """
@@ -23,6 +24,8 @@ class HParams:
   """Hyperparameters of one SAE (scalars), or of a stack ([n_sae] arrays)."""
 
   l1_coeff: jax.Array
+  l0_coeff: jax.Array
+  k: jax.Array  # int32: active latents per example (TopK family)
   lr: jax.Array
   lr_warmup_steps: jax.Array
   l1_warmup_steps: jax.Array
@@ -83,8 +86,12 @@ def learning_rate(
   return lr * jnp.where(since < length, dip, 1.0)
 
 
-def l1_coefficient(hp: HParams, step: jax.Array) -> jax.Array:
-  return hp.l1_coeff * _ramp(step, hp.l1_warmup_steps)
+def sparsity_coefficient(hp: HParams, step: jax.Array, architecture: str) -> jax.Array:
+  """The penalty's coefficient at `step`, warmed up linearly: the L0
+  coefficient for jumprelu, the L1 coefficient otherwise (unused by the TopK
+  family)."""
+  coeff = hp.l0_coeff if architecture == 'jumprelu' else hp.l1_coeff
+  return coeff * _ramp(step, hp.l1_warmup_steps)
 
 
 def remove_parallel_component(grad_w_dec: jax.Array, w_dec: jax.Array) -> jax.Array:
@@ -134,8 +141,8 @@ def resample_params(
   Inputs are sampled with probability proportional to their squared
   reconstruction loss; each dead latent's decoder row becomes the normalised
   sampled input, its encoder column that direction scaled to `encoder_scale`
-  times the mean norm of the live encoder columns, and its biases (and r_mag)
-  become 0. Live latents keep their parameters (everything is masked, so this
+  times the mean norm of the live encoder columns, its biases (and r_mag)
+  become 0 and a JumpReLU threshold its initial value. Live latents keep their parameters (everything is masked, so this
   works per SAE under vmap).
   """
   out = models.forward(spec, params, x, 0.0)
@@ -152,4 +159,8 @@ def resample_params(
   new = {name: jnp.zeros_like(v) for name, v in params.items()}
   new['W_dec'] = directions
   new['W_enc'] = directions.T * (encoder_scale * mean_live)
+  if 'log_threshold' in params:
+    new['log_threshold'] = jnp.full_like(
+        params['log_threshold'], math.log(spec.init_threshold)
+    )
   return reset_latents(params, dead, new)

@@ -22,7 +22,9 @@ from absl import logging
 from gsae_jax import config as config_lib
 from gsae_jax import logs
 
-FORMAT_VERSION = 1
+# 2: the hyperparameters gained l0_coeff and k (JumpReLU and the TopK family).
+# gsae_jax.load still reads format 1; resuming needs the state's own format.
+FORMAT_VERSION = 2
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -79,10 +81,12 @@ class Manager:
     a kill mid-save leaves no half checkpoint behind; a checkpoint damaged
     afterwards (a truncated or corrupt file) fails to restore and is skipped
     with a warning naming it, falling back to the one before. A checkpoint of
-    another format version is an error, not skipped.
+    another format version is an error (read from its meta before the state),
+    not skipped.
     """
     steps = sorted(self._mngr.all_steps(), reverse=True)
     for step in steps:
+      self._check_format(step)
       try:
         restored = self._mngr.restore(
             step,
@@ -104,14 +108,24 @@ class Manager:
         logging.warning(msg + 'moved to %s; falling back to the previous one', aside)
         logs.info(f'WARNING: {msg}moved to {aside}; using an older checkpoint')
         continue
-      meta = restored.meta
-      if meta.get('format_version') != FORMAT_VERSION:
-        raise ValueError(
-            f'checkpoint {step} in {self._mngr.directory} has format version '
-            f'{meta.get("format_version")}, this gsae_jax reads {FORMAT_VERSION}'
-        )
-      return restored.state, meta
+      return restored.state, restored.meta
     return None
+
+  def _check_format(self, step: int) -> None:
+    try:
+      meta = self._mngr.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+      ).meta
+    except Exception:  # noqa: BLE001 (damage: restore_latest's fallback handles it)
+      return
+    version = meta.get('format_version')
+    if version != FORMAT_VERSION:
+      raise ValueError(
+          f'checkpoint {step} in {self._mngr.directory} has format version '
+          f'{version}; this gsae_jax resumes format {FORMAT_VERSION} only (the '
+          'SAEs still load with gsae_jax.load); finish the run with the version '
+          'that wrote it, or train in a new workdir'
+      )
 
   def reached_preemption(self, step: int) -> bool:
     """Orbax's multi-host preemption sync point (TPU VMs): save and stop."""

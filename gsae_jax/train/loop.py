@@ -77,7 +77,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """
   config_lib.validate(config)
   _check_workdir(config, workdir)
-  spec = models.SAESpec.from_config(config.sae)
+  spec = models.SAESpec.for_run(config)
   hparams = hparams_from_config(config)
   seeds = seeds_from_config(config)
   abstract = jax.eval_shape(lambda: init_state(config, hparams, seeds, 1.0))

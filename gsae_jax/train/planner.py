@@ -60,7 +60,7 @@ def plan(
   n_local = math.ceil(n_sae / sp)
   s_local = math.ceil(d_sae / mp)
   b_local = math.ceil(batch / dp)
-  vectors = 3 if architecture == 'gated' else 1
+  vectors = {'gated': 3, 'jumprelu': 2}.get(architecture, 1)
   params = 4 * n_local * (2 * d_in * s_local + vectors * s_local + d_in)
   acts = compute_bytes * 6 * n_local * b_local * s_local
   acts += 4 * b_local * d_in * (1 + 2 * n_local)

@@ -41,6 +41,8 @@ def hparams_from_config(config: ml_collections.ConfigDict) -> optim.HParams:
   f32 = lambda name: jnp.asarray(config_lib.stack_values(config, name), jnp.float32)
   return optim.HParams(
       l1_coeff=f32('l1_coeff'),
+      l0_coeff=f32('l0_coeff'),
+      k=jnp.asarray(config_lib.stack_values(config, 'k'), jnp.int32),
       lr=f32('lr'),
       lr_warmup_steps=f32('lr_warmup_steps'),
       l1_warmup_steps=f32('l1_warmup_steps'),
@@ -59,7 +61,7 @@ def init_state(
     norm_scale: float,
 ) -> TrainState:
   """A fresh state for a stack of SAEs, SAE i initialised from seeds[i]."""
-  spec = models.SAESpec.from_config(config.sae)
+  spec = models.SAESpec.for_run(config)
   keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds, jnp.uint32))
   params = jax.vmap(functools.partial(models.init_params, spec))(keys)
   opt_state = jax.vmap(optim.adam(config).init)(params)

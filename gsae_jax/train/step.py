@@ -28,13 +28,20 @@ def batch_metrics(x: jax.Array, out: dict) -> dict:
 
 
 def make_heldout_metrics(config: ml_collections.ConfigDict):
-  """(state, x) -> {'heldout_l0', 'heldout_fvu', 'heldout_shrinkage_gamma'} [n_sae]."""
-  spec = models.SAESpec.from_config(config.sae)
+  """(state, x) -> {'heldout_l0', 'heldout_fvu', 'heldout_shrinkage_gamma'} [n_sae].
+
+  Measured on the inference-time latents (`models.encode`: BatchTopK SAEs
+  through their estimated threshold), as evaluation and exports see them.
+  """
+  spec = backends.resolve(models.SAESpec.for_run(config))
+
+  def one(params, k, x):
+    f = models.latents(spec, params, x, k=k, training=False)[0]
+    return {'x_hat': models.decode(spec, params, f), 'fires': jnp.sum(f > 0, axis=0)}
 
   def heldout(state: TrainState, x: jax.Array) -> dict:
     x = x.astype(jnp.float32) * state.norm_scale
-    zeros = jnp.zeros(state.hparams.l1_coeff.shape, jnp.float32)
-    out = backends.stacked_forward(spec, state.params, x, zeros)
+    out = jax.vmap(one, in_axes=(0, 0, None))(state.params, state.hparams.k, x)
     m = jax.vmap(batch_metrics, in_axes=(None, 0))(x, out)
     return {f'heldout_{k}': v for k, v in m.items()}
 
@@ -57,7 +64,7 @@ def make_train_step(
   SAE's own gradient in its slice. The update (Adam, per-SAE lr, unit-norm
   decoder, dead-latent counters) is elementwise and runs under jax.vmap.
   """
-  spec = models.SAESpec.from_config(config.sae)
+  spec = models.SAESpec.for_run(config)
   schedule = optim.Schedule.from_config(config)
   adam = optim.adam(config)
   window = dead_window_steps(config)
@@ -76,10 +83,16 @@ def make_train_step(
 
   def train_step(state: TrainState, x: jax.Array):
     x = x.astype(jnp.float32) * state.norm_scale
-    l1 = jax.vmap(optim.l1_coefficient, in_axes=(0, None))(state.hparams, state.step)
+    coeff = jax.vmap(optim.sparsity_coefficient, in_axes=(0, None, None))(
+        state.hparams, state.step, spec.architecture
+    )
+    # AuxK's dead latents [T App. A.2]: silent for the dead window so far.
+    dead = state.steps_since_fired >= window if spec.k_max else None
 
     def loss_fn(params):
-      out = backends.stacked_forward(spec, params, x, l1, latent_sharding)
+      out = backends.stacked_forward(
+          spec, params, x, coeff, latent_sharding, state.hparams.k, dead
+      )
       per_sae = jnp.mean(out['l_rec'] + out['l_sp'] + out['l_aux'], axis=1)
       return jnp.sum(per_sae), (per_sae, out)
 
@@ -100,6 +113,11 @@ def make_train_step(
         state.last_resample,
         state.step,
     )
+    # Running statistics (BatchTopK's threshold) are set, not trained.
+    stats = out.get('stats', {})
+    if data_axis is not None:
+      stats = jax.lax.pmean(stats, data_axis)
+    params = {**params, **stats}
     metrics = {
         'loss': loss,
         'l_rec': jnp.mean(out['l_rec'], axis=1),
@@ -108,8 +126,10 @@ def make_train_step(
         **jax.vmap(batch_metrics, in_axes=(None, 0))(x, out),
         'dead_fraction': jnp.mean((since_fired >= window).astype(jnp.float32), axis=1),
         'lr': lr,
-        'l1_coeff': l1,
+        'sparsity_coeff': coeff,
     }
+    if 'threshold' in stats:
+      metrics['threshold'] = stats['threshold']
     if data_axis is not None:
       metrics = jax.lax.pmean(metrics, data_axis)
     # Non-finite input or loss: a batch with NaN/Inf updates no SAE; an SAE
@@ -146,7 +166,7 @@ def make_train_step(
 
 def make_resample(config: ml_collections.ConfigDict):
   """(state, x) -> state with each SAE's dead latents resampled [P App. D]."""
-  spec = models.SAESpec.from_config(config.sae)
+  spec = models.SAESpec.for_run(config)
   window = dead_window_steps(config)
   scale = float(config.resample.encoder_scale)
 

@@ -1,7 +1,8 @@
 """Sweeps: a grid of SAEs split into groups that each train as one program.
 
-A grid point sets any of architecture, d_sae, l1_coeff, lr, warm-up lengths and
-seed (config.sweep). Points with the same architecture and d_sae form a group:
+A grid point sets any of architecture, d_sae, its architecture's sparsity knob
+(l1_coeff for gated and baseline, l0_coeff for jumprelu, k for the TopK
+family), lr, warm-up lengths and seed (config.sweep). Points with the same architecture and d_sae form a group:
 one stacked run (config.stack holds its per-SAE values) trained by one jitted
 step in its own workdir, <sweep>/groups/<name>. The sweep index,
 <sweep>/sweep.json and sweep.csv, has one row per SAE (its values, group,
@@ -24,6 +25,7 @@ import numpy as np
 from gsae_jax import config as config_lib
 from gsae_jax import files, logs
 from gsae_jax.data import sources
+from gsae_jax.sae import models
 from gsae_jax.train import checkpoints, planner
 
 # The grid axes, in the order points are enumerated (the last varies fastest).
@@ -44,18 +46,38 @@ class Group:
     return len(self.members)
 
 
+def width_factor(config: ml_collections.ConfigDict, architecture: str) -> float:
+  """The multiple of the swept d_sae an architecture trains at (equal compute)."""
+  factors = dict(config.sweep.width_factors)
+  if architecture in factors:
+    return float(factors[architecture])
+  return (
+      float(config.sweep.baseline_width_factor) if architecture == 'baseline' else 1.0
+  )
+
+
 def expand(config: ml_collections.ConfigDict) -> list[dict]:
-  """The grid points: one dict of GRID_FIELDS values per SAE, in index order."""
-  axes = [
-      tuple(config.sweep[n]) or (config_lib.base_value(config, n),) for n in GRID_FIELDS
-  ]
+  """The grid points: one dict of GRID_FIELDS values per SAE, in index order.
+
+  For each architecture, the Cartesian product of the non-empty axes, where
+  only that architecture's own sparsity knob (models.SPARSITY_KNOB) is
+  swept; the others keep their base values.
+  """
+  knobs = set(models.SPARSITY_KNOB.values())
   points = []
-  for i, values in enumerate(itertools.product(*axes)):
-    point = dict(zip(GRID_FIELDS, values, strict=True))
-    if point['architecture'] == 'baseline':
-      point['d_sae'] = int(round(point['d_sae'] * config.sweep.baseline_width_factor))
-    point['index'] = i
-    points.append(point)
+  archs = tuple(config.sweep.architecture) or (config.sae.architecture,)
+  for arch in archs:
+    axes = []
+    for n in GRID_FIELDS[1:]:
+      swept = tuple(config.sweep[n])
+      if n in knobs and n != models.SPARSITY_KNOB[arch]:
+        swept = ()
+      axes.append(swept or (config_lib.base_value(config, n),))
+    for values in itertools.product(*axes):
+      point = {'architecture': arch, **dict(zip(GRID_FIELDS[1:], values, strict=True))}
+      point['d_sae'] = int(round(point['d_sae'] * width_factor(config, arch)))
+      point['index'] = len(points)
+      points.append(point)
   return points
 
 
@@ -74,6 +96,7 @@ def plan(config: ml_collections.ConfigDict) -> list[Group]:
         c.sweep[name] = ()
       for name in config_lib.STACK_FIELDS:
         c.stack[name] = tuple(m[name] for m in members)
+    config_lib.validate(c)  # e.g. k <= this group's d_sae
     groups.append(Group(f'{arch}_d{d_sae}', c, members))
   return groups
 

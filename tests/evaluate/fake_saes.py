@@ -33,16 +33,21 @@ def scaled_identity_sae(d_in, scale, index=0):
   return api.SAE(lm_config('baseline', d_in, 2 * d_in), params, index=index)
 
 
-def random_sae(architecture, d_in=16, d_sae=32, seed=0):
-  """An SAE with random weights (gated: thresholds of both signs)."""
+def random_sae(architecture, d_in=16, d_sae=32, seed=0, k=4):
+  """An SAE with random weights (gated: thresholds of both signs; TopK
+  family: k active latents)."""
   rng = np.random.default_rng(seed)
-  spec = models.SAESpec(architecture, d_in, d_sae)
+  config = lm_config(architecture, d_in, d_sae)
+  config.sae.k = k
+  spec = models.SAESpec.from_config(config.sae)
   params = {
-      k: np.asarray(v)
-      for k, v in models.init_params(spec, jax.random.PRNGKey(seed)).items()
+      name: np.asarray(v)
+      for name, v in models.init_params(spec, jax.random.PRNGKey(seed)).items()
   }
-  for k in params:
-    if k != 'W_dec' and k != 'W_enc':
-      params[k] = rng.normal(0, 0.5, params[k].shape).astype(np.float32)
+  for name in params:
+    if name != 'W_dec' and name != 'W_enc':
+      params[name] = rng.normal(0, 0.5, params[name].shape).astype(np.float32)
+  if 'threshold' in params:  # BatchTopK's one global threshold
+    params['threshold'] = np.float32(0.3)
   params['W_enc'] = params['W_enc'] * np.float32(0.7)
-  return api.SAE(lm_config(architecture, d_in, d_sae), params, index=seed)
+  return api.SAE(config, params, index=seed)

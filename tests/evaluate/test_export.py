@@ -72,5 +72,51 @@ def test_gated_sae_equals_its_jumprelu_export(tmp_path):
     assert json.load(f)['architecture'] == 'jumprelu'
   assert back.architecture == 'gated' and not back.params['r_mag'].any()
   np.testing.assert_allclose(back.encode(x)[clear], want[clear], rtol=1e-4, atol=1e-4)
-  with pytest.raises(ValueError, match='only gated SAEs'):
+  with pytest.raises(ValueError, match='no JumpReLU form'):
     export.to_saelens(random_sae('baseline'), str(tmp_path / 'x'), jumprelu=True)
+
+
+@pytest.mark.parametrize(
+    'architecture, saelens',
+    [
+        ('jumprelu', 'jumprelu'),
+        ('topk', 'topk'),
+        ('batchtopk', 'jumprelu'),
+        ('matryoshka_batchtopk', 'jumprelu'),
+    ],
+)
+def test_new_architectures_export_to_saelens_own_forms(architecture, saelens, tmp_path):
+  """Each architecture in SAELens's own form, computed as SAELens computes it
+  (written out here in NumPy), equals our inference-time latents."""
+  sae = random_sae(architecture, seed=3, k=5)
+  path = export.to_saelens(sae, str(tmp_path / 'sae'))
+  with open(os.path.join(path, 'cfg.json')) as f:
+    cfg = json.load(f)
+  assert cfg['architecture'] == saelens
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
+  t = {
+      k: v.astype(np.float64)
+      for k, v in load_file(os.path.join(path, 'sae_weights.safetensors')).items()
+  }
+  x = np.random.default_rng(6).normal(size=(256, 16)).astype(np.float32)
+  pre = (x - t['b_dec']) @ t['W_enc'] + t['b_enc']
+  if saelens == 'topk':
+    assert cfg['k'] == 5 and cfg['rescale_acts_by_decoder_norm'] is False
+    kth = np.sort(pre, axis=-1)[:, -5][:, None]
+    f = np.where(pre >= kth, np.maximum(pre, 0), 0)
+  else:  # SAELens's JumpReLU: ReLU(pre) * 1[pre > relu(threshold)]
+    f = np.maximum(pre, 0) * (pre > np.maximum(t['threshold'], 0))
+  if architecture in ('batchtopk', 'matryoshka_batchtopk'):
+    np.testing.assert_array_equal(
+        t['threshold'], np.full(32, np.float32(0.3))
+    )  # one global
+  want = sae.encode(x)
+  assert 0 < np.mean(want > 0) < 1
+  np.testing.assert_allclose(want, f, rtol=1e-5, atol=1e-5)
+  x_hat = f @ t['W_dec'] + t['b_dec']
+  np.testing.assert_allclose(sae.decode(want), x_hat, rtol=1e-4, atol=1e-5)
+  if saelens == 'topk':  # topk reads back as itself, k kept
+    back = export.load_saelens(path)
+    assert back.architecture == 'topk' and back.config.sae.k == 5
+    np.testing.assert_array_equal(back.encode(x), want)

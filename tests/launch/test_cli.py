@@ -115,10 +115,10 @@ def test_sweep_and_main_refuse_bad_input_then_run(tmp_path):
   bad = _run(
       'launch.main',
       *sweep_args,
-      "--config.sweep.architecture=('topk',)",
+      "--config.sweep.architecture=('sparse_coding',)",
       f'--workdir={main_dir}',
   )
-  _assert_bad_input(bad, 'config.sweep.architecture', 'topk')
+  _assert_bad_input(bad, 'config.sweep.architecture', 'sparse_coding')
   assert not os.path.exists(main_dir)
   good = _run(
       'launch.main',

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import random_saes
 
 from gsae_jax import backends
 from gsae_jax.sae import models
@@ -33,21 +34,7 @@ def _loss_terms(spec, params, x, lam):
 
 def _random_params(arch: str, seed: int = 0) -> dict:
   """Random parameters with every path active (not the zero-bias init)."""
-  rng = np.random.default_rng(seed)
-  w_dec = rng.normal(size=(D_SAE, D_IN))
-  w_dec /= np.linalg.norm(w_dec, axis=-1, keepdims=True)
-  p = {
-      'W_enc': rng.normal(size=(D_IN, D_SAE)) * 0.5,
-      'W_dec': w_dec,
-      'b_dec': rng.normal(size=(D_IN,)) * 0.1,
-  }
-  if arch == 'gated':
-    p['b_gate'] = rng.normal(size=(D_SAE,)) * 0.3
-    p['r_mag'] = rng.normal(size=(D_SAE,)) * 0.3
-    p['b_mag'] = rng.normal(size=(D_SAE,)) * 0.3
-  else:
-    p['b_enc'] = rng.normal(size=(D_SAE,)) * 0.3
-  return {k: v.astype(np.float32) for k, v in p.items()}
+  return random_saes.random_params(arch, seed, D_IN, D_SAE)
 
 
 def _inputs(seed: int = 1) -> np.ndarray:
@@ -233,8 +220,9 @@ def test_gated_encoder_is_a_jumprelu():
 
 @pytest.mark.parametrize('arch', models.ARCHITECTURES)
 def test_fold_normalisation_acts_on_raw_activations(arch):
-  spec = models.SAESpec(arch, D_IN, D_SAE)
-  params, x, s = _random_params(arch), _inputs(), 3.7
+  spec = random_saes.spec_of(arch)
+  params, s = random_saes.random_params(arch), 3.7
+  x = np.random.default_rng(1).normal(size=(BATCH, random_saes.D_IN)).astype(np.float32)
   folded = models.fold_normalisation(params, s)
   f_norm = models.encode(spec, params, x * s)
   f_raw = models.encode(spec, folded, x)

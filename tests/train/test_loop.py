@@ -61,10 +61,11 @@ def test_loop_logs_checkpoints_and_loads(tmp_path):
     gsae_jax.load(workdir, index=3)
 
 
-def test_resume_matches_uninterrupted_run(tmp_path):
-  c = tiny_config(train__num_steps=20)
+@pytest.mark.parametrize('arch', ['gated', 'jumprelu', 'topk', 'matryoshka_batchtopk'])
+def test_resume_matches_uninterrupted_run(tmp_path, arch):
+  c = tiny_config(train__num_steps=20, sae__architecture=arch, sae__k=4)
   straight = train.train_and_evaluate(c, str(tmp_path / 'a'))
-  half = tiny_config(train__num_steps=10)
+  half = tiny_config(train__num_steps=10, sae__architecture=arch, sae__k=4)
   train.train_and_evaluate(half, str(tmp_path / 'b'))
   resumed = train.train_and_evaluate(c, str(tmp_path / 'b'))
   assert int(resumed.step) == 20
@@ -74,6 +75,35 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     )
   steps = [r['step'] for r in train.load_metrics(str(tmp_path / 'b'))]
   assert steps == [5, 10, 15, 20]
+  # The loaded SAE names its architecture and encodes raw activations as the
+  # trained one does at inference (BatchTopK: through its threshold).
+  sae = gsae_jax.load(str(tmp_path / 'b'))
+  assert sae.architecture == arch
+  x = np.asarray(sources.make_source(c).batch_at(7))
+  spec = models.SAESpec.from_config(c.sae)
+  f = models.encode(spec, train.host_params(resumed), x * float(resumed.norm_scale))
+  np.testing.assert_allclose(sae.encode(x), f, rtol=1e-4, atol=1e-5)
+  assert 0 < np.mean(np.asarray(f) > 0) < 1
+
+
+def test_checkpoint_of_another_format_is_refused_and_kept(tmp_path):
+  c = tiny_config(train__num_steps=10)
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(c, workdir)
+  meta_dir = os.path.join(checkpoints.checkpoint_dir(workdir), '10', 'meta')
+  (meta_file,) = [
+      os.path.join(meta_dir, f)
+      for f in os.listdir(meta_dir)
+      if '"format_version"' in open(os.path.join(meta_dir, f)).read()
+  ]
+  text = open(meta_file).read()
+  assert '"format_version": 2' in text
+  with open(meta_file, 'w') as f:
+    f.write(text.replace('"format_version": 2', '"format_version": 1'))
+  with pytest.raises(ValueError, match='format version 1.*gsae_jax.load'):
+    train.train_and_evaluate(tiny_config(train__num_steps=20), workdir)
+  assert checkpoints.steps(workdir) == [10]  # not moved aside
+  assert gsae_jax.load(workdir).step == 10  # and still loads
 
 
 def _fails_before_writing(config, workdir, match):
@@ -93,7 +123,7 @@ def test_bad_configs_fail_naming_the_field(tmp_path):
   c.sae.l1_coef = 1e-3  # a typo is an unknown field, not silently ignored
   _fails_before_writing(c, tmp_path / 'c', r'config\.sae\.l1_coef: unknown field')
   c = tiny_config()
-  c.sae.architecture = 'topk'
+  c.sae.architecture = 'sparse_coding'
   _fails_before_writing(c, tmp_path / 'd', r'config\.sae\.architecture')
   assert not os.listdir(tmp_path)  # nothing at all was written
 

@@ -16,6 +16,8 @@ def _stacked_hparams(config, l1s):
   full = lambda v: jnp.full((n,), v, jnp.float32)
   return optim.HParams(
       l1_coeff=jnp.asarray(l1s, jnp.float32),
+      l0_coeff=full(config.sae.l0_coeff),
+      k=jnp.full((n,), config.sae.k, jnp.int32),
       lr=full(config.train.lr),
       lr_warmup_steps=full(config.train.lr_warmup_steps),
       l1_warmup_steps=full(config.train.l1_warmup_steps),
@@ -38,21 +40,49 @@ def test_decoder_rows_stay_unit_norm_after_every_step(arch):
   assert not np.allclose(np.asarray(state.params['W_dec']), before)  # it did move
 
 
-def test_stacked_step_equals_separate_steps():
-  """Three SAEs with different l1 under one vmap == three runs of one."""
-  c = tiny_config()
-  l1s = [1e-3, 1e-2, 1e-1]
+# Each architecture's own sparsity knob, three values of it.
+KNOB_VALUES = {
+    'l1_coeff': (1e-3, 1e-2, 1e-1),
+    'l0_coeff': (1e-3, 1e-2, 3e-2),
+    'k': (2, 4, 8),
+}
+
+
+@pytest.mark.parametrize('arch', models.ARCHITECTURES)
+def test_stacked_step_equals_separate_steps(arch):
+  """Three SAEs with different sparsity knobs under one vmap == three runs of
+  one (AuxK's dead latents and BatchTopK's threshold included)."""
+  knob = models.SPARSITY_KNOB[arch]
+  values, seeds = KNOB_VALUES[knob], (3, 4, 5)
+  # A 2-step dead window, so that AuxK has dead latents within the 5 steps.
+  c = tiny_config(sae__architecture=arch, train__dead_window_tokens=128)
   source = sources.make_source(c)
   batches = [source.batch_at(i) for i in range(5)]
-  step = jax.jit(train.make_train_step(c))
-  seeds = jnp.asarray([3, 4, 5], jnp.uint32)
-  stacked = train.init_state(c, _stacked_hparams(c, l1s), seeds, 1.5)
+  stacked_c = c.copy_and_resolve_references()
+  stacked_c.stack[knob], stacked_c.stack.seed = values, seeds
+  step = jax.jit(train.make_train_step(stacked_c))
+  stacked = train.init_state(
+      stacked_c,
+      train.hparams_from_config(stacked_c),
+      jnp.asarray(seeds, jnp.uint32),
+      1.5,
+  )
   for x in batches:
-    stacked, _ = step(stacked, x)
-  for i, l1 in enumerate(l1s):
-    one = train.init_state(c, _stacked_hparams(c, [l1]), seeds[i : i + 1], 1.5)
+    stacked, metrics = step(stacked, x)
+  if arch in models.TOPK_FAMILY:
+    assert float(jnp.max(metrics['l_aux'])) > 0  # AuxK ran
+  for i, value in enumerate(values):
+    one_c = c.copy_and_resolve_references()
+    one_c.sae[knob], one_c.seed = value, seeds[i]
+    one_step = jax.jit(train.make_train_step(one_c))
+    one = train.init_state(
+        one_c,
+        train.hparams_from_config(one_c),
+        jnp.asarray([seeds[i]], jnp.uint32),
+        1.5,
+    )
     for x in batches:
-      one, _ = step(one, x)
+      one, _ = one_step(one, x)
     for name, value in one.params.items():
       np.testing.assert_allclose(
           stacked.params[name][i], value[0], rtol=1e-5, atol=1e-6, err_msg=name

@@ -39,7 +39,7 @@ def test_bad_sweep_values_name_the_field():
   with pytest.raises(ValueError, match=r'config\.sweep\.l1_coeff: .* got -1\.0'):
     sweep.plan(c)
   c = sweep_config()
-  c.sweep.architecture = ('gated', 'topk')
+  c.sweep.architecture = ('gated', 'sparse_coding')
   with pytest.raises(ValueError, match=r'config\.sweep\.architecture'):
     sweep.plan(c)
 
