@@ -25,7 +25,7 @@ def get_config(arg: str = ''):
   c = smollm2_sweep.get_config('test' if arg == 'test' else '')
   c.sweep.architecture = models.ARCHITECTURES  # all six
   c.sweep.l1_coeff = (0.003, 0.006, 0.012)
-  c.sweep.l0_coeff = (0.0005, 0.001, 0.002)
+  c.sweep.l0_coeff = (0.0007, 0.0015, 0.003)
   c.sweep.k = (8, 24, 64)
   c.sweep.width_factors = (('baseline', 1.5), ('jumprelu', 1.5))
   if arg == 'test':

@@ -569,7 +569,7 @@ def _validate_architecture(config: ml_collections.ConfigDict) -> None:
   sae, arch = config.sae, config.sae.architecture
   _require(sae.l0_coeff >= 0, 'sae.l0_coeff', f'must be >= 0, got {sae.l0_coeff}')
   top = sae.d_sae if arch in models.TOPK_FAMILY else float('inf')
-  for v in (sae.k,) + tuple(config.stack.k):
+  for v in tuple(config.stack.k) or (sae.k,):  # a stack's own k replace sae.k
     _require(
         isinstance(v, int) and 1 <= v <= top,
         'sae.k',

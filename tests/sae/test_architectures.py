@@ -237,3 +237,23 @@ def test_matryoshka_prefixes_from_fractions():
       16,
       32,
   )
+
+
+@pytest.mark.parametrize('arch', NEW)
+def test_bfloat16_compute_tracks_float32(arch):
+  """Mixed precision: bfloat16 matmul inputs, float32 accumulation."""
+  params, x, dead = (
+      random_params(arch, 8),
+      jnp.asarray(_inputs(9)),
+      jnp.asarray(_dead(10)),
+  )
+  out = {}
+  for dtype in ('float32', 'bfloat16'):
+    spec = spec_of(arch, compute_dtype=dtype)
+    loss = lambda q, s=spec: sum(models.loss_terms(s, q, x, 0.05, 4, dead).values())
+    out[dtype] = jax.value_and_grad(loss)(params)
+  (v32, g32), (v16, g16) = out['float32'], out['bfloat16']
+  assert float(v16) == pytest.approx(float(v32), rel=0.03)
+  for name in ('W_enc', 'W_dec', 'b_dec'):
+    a, b = np.ravel(g16[name]), np.ravel(g32[name])
+    assert np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.98, name

@@ -43,10 +43,16 @@ if args.coordinator:
 
 
 def config_for(run: str):
+  """A run is '<strategy>[:data,model,sweep][@architecture]'."""
+  run, _, arch = run.partition('@')
   c = synthetic_exp.get_config('test')
   c.train.num_steps = args.steps
   c.stack.l1_coeff = (1e-3, 3e-3, 1e-2, 3e-2)
   c.stack.seed = (0, 1, 2, 3)
+  if arch:  # e.g. batchtopk: a selection over the whole sharded batch
+    c.sae.architecture = arch
+    c.stack.k = (2, 4, 6, 8)
+    c.train.dead_window_tokens = 128  # AuxK at work within the run
   c.checkpoint.every_steps = 10
   if run == 'pmap':
     c.mesh.strategy = 'pmap'
@@ -57,7 +63,7 @@ def config_for(run: str):
 
 
 for run in args.runs:
-  name = run.replace(':', '_').replace(',', 'x')
+  name = run.replace(':', '_').replace(',', 'x').replace('@', '_')
   state = train.train_and_evaluate(config_for(run), os.path.join(args.workdir, name))
   local = {
       k: placement.local_bytes(state.params[k]) for k in ('W_enc', 'W_dec', 'b_dec')

@@ -2,7 +2,8 @@
 
 Each configuration runs in a subprocess (tests/parallel_worker.py), since the
 number of CPU devices is fixed when JAX starts. The run: a stack of 4 gated
-SAEs (d_in 16, d_sae 32, batch 64) for 20 steps.
+SAEs (d_in 16, d_sae 32, batch 64) for 20 steps; and a stack of 4 BatchTopK
+SAEs on one device and on a (data, model) mesh.
 """
 
 import json
@@ -23,7 +24,7 @@ MESHES = ['jit:8,1,1', 'jit:1,8,1', 'jit:2,4,1', 'jit:2,1,4', 'pmap']
 
 
 def _name(run):
-  return run.replace(':', '_').replace(',', 'x')
+  return run.replace(':', '_').replace(',', 'x').replace('@', '_')
 
 
 def _worker(devices, out, workdir, runs, steps=20, extra=()):
@@ -53,9 +54,17 @@ def _assert_same(a, b, what):
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   out = tmp_path_factory.mktemp('parallel')
-  _wait(_worker(1, out, out / 'one', ['jit:1,1,1']))
-  _wait(_worker(8, out, out / 'eight', MESHES))
+  _wait(_worker(1, out, out / 'one', ['jit:1,1,1', 'jit:1,1,1@batchtopk']))
+  _wait(_worker(8, out, out / 'eight', [*MESHES, 'jit:2,4,1@batchtopk']))
   return out
+
+
+def test_batchtopk_on_a_data_and_model_mesh_matches_one_device(runs):
+  """BatchTopK selects over the whole batch and dictionary, sharded on a
+  (data 2, model 4) mesh as on one device; its threshold and AuxK included."""
+  got, want = _params(runs, 'jit:2,4,1@batchtopk'), _params(runs, 'jit:1,1,1@batchtopk')
+  assert float(np.min(want['threshold'])) > 0  # estimated
+  _assert_same(got, want, 'batchtopk on jit:2,4,1')
 
 
 @pytest.mark.parametrize('run', MESHES)

@@ -10,6 +10,7 @@ import pytest
 import gsae_jax
 from experiments import synthetic as synthetic_exp
 from gsae_jax import backends, train
+from gsae_jax.sae import models
 from gsae_jax.train import sweep
 
 
@@ -31,6 +32,32 @@ def test_plan_groups_by_architecture_and_width():
   assert gated.stack.seed == (0, 7, 0, 7)
   assert gated.sweep.l1_coeff == ()  # a group config is a plain stacked run
   assert [m['index'] for g in groups for m in g.members] == list(range(8))
+
+
+def test_each_architecture_sweeps_its_own_sparsity_knob_at_its_own_width():
+  c = sweep_config()
+  c.sweep.architecture = ('gated', 'jumprelu', 'topk')
+  c.sweep.l1_coeff, c.sweep.l0_coeff, c.sweep.k = (1e-3, 3e-2), (0.01,), (2, 4, 8)
+  c.sweep.seed = ()
+  c.sweep.width_factors = (('jumprelu', 1.5), ('topk', 0.5))
+  groups = sweep.plan(c)
+  assert [(g.name, g.size) for g in groups] == [
+      ('gated_d32', 2),
+      ('jumprelu_d48', 1),
+      ('topk_d16', 3),
+  ]
+  assert groups[0].config.stack.l1_coeff == (1e-3, 3e-2)
+  assert groups[1].config.stack.l0_coeff == (0.01,)
+  assert groups[2].config.stack.k == (2, 4, 8)
+  # One program per group: the stack's k are an array bounded by the largest.
+  assert models.SAESpec.for_run(groups[2].config).k_max == 8
+  c.sweep.k = (2, 32)  # k above the group's d_sae (16) is refused, naming k
+  with pytest.raises(ValueError, match=r'config\.sae\.k: .*d_sae=16.*32'):
+    sweep.plan(c)
+  c.sweep.k = (2,)
+  c.sweep.width_factors = (('topk', -1.0),)
+  with pytest.raises(ValueError, match=r'config\.sweep\.width_factors'):
+    sweep.plan(c)
 
 
 def test_bad_sweep_values_name_the_field():
