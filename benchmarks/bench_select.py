@@ -24,7 +24,7 @@ import numpy as np
 from gsae_jax.sae import select
 
 SHAPES = {  # name: (batch, d_in, d_sae, k)
-    'main': (512, 576, 1728, 24),
+    'main': (512, 576, 1152, 24),
     'large': (4096, 576, 4608, 64),
 }
 
@@ -49,9 +49,14 @@ def main():
     w = jax.random.normal(kw, (d_in, d_sae)) / np.sqrt(d_in)
     z = x @ w
     fns = {'encoder matmul': (jax.jit(lambda a, b: a @ b), (x, w))}
+    aux_k = d_in // 2  # AuxK's per-row selection [T App. A.2]
     for impl in ('top_k', 'bisect'):
       fns[f'row {impl}'] = (
           jax.jit(lambda v, i=impl, k=k: select.kth_largest(v, k, k, i)),
+          (z,),
+      )
+      fns[f'aux {impl}'] = (
+          jax.jit(lambda v, i=impl, k=aux_k: select.kth_largest(v, k, k, i)),
           (z,),
       )
       fns[f'batch {impl}'] = (
@@ -62,7 +67,7 @@ def main():
           ),
           (z,),
       )
-    for kind in ('row', 'batch'):
+    for kind in ('row', 'aux', 'batch'):
       a, b = (
           np.asarray(fns[f'{kind} {i}'][0](*fns[f'{kind} {i}'][1]))
           for i in ('top_k', 'bisect')
@@ -80,7 +85,7 @@ def main():
       print(
           f'  {n:16s} {ms:8.2f} ms  ({ms / med["encoder matmul"]:.2f} x the encoder matmul)'
       )
-    for kind in ('row', 'batch'):
+    for kind in ('row', 'aux', 'batch'):
       print(
           f'  {kind}: top_k / bisect = {med[f"{kind} top_k"] / med[f"{kind} bisect"]:.1f}x'
       )

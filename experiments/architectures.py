@@ -25,7 +25,12 @@ def get_config(arg: str = ''):
   c = smollm2_sweep.get_config('test' if arg == 'test' else '')
   c.sweep.architecture = models.ARCHITECTURES  # all six
   c.sweep.l1_coeff = (0.003, 0.006, 0.012)
-  c.sweep.l0_coeff = (0.0007, 0.0015, 0.003)
+  c.sweep.l0_coeff = (0.0005, 0.002, 0.008)
+  # JumpReLU learns log(theta) [J §4]: under Adam it moves by ~lr per step, so
+  # in 800 steps theta changes by at most e^1.6 and the paper's initial 0.001
+  # (x sqrt(d_in) = 0.024 here) leaves most latents on (L0 ~400 of 1728, seen
+  # on this data). Start near the scale of the pre-activations instead.
+  c.sae.jumprelu_init_threshold = 0.03
   c.sweep.k = (8, 24, 64)
   c.sweep.width_factors = (('baseline', 1.5), ('jumprelu', 1.5))
   if arg == 'test':

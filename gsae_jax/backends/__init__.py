@@ -13,8 +13,9 @@ is chosen explicitly by `config.sae.step_impl`:
                 architectures always run the reference.
 
 `sae.select_impl` likewise picks how the TopK family finds its k-th largest
-value (gsae_jax/sae/select.py): 'auto' is 'bisect' on the CPU backend and
-lax.top_k elsewhere (docs/benchmarks.md, "Selecting the top k").
+value (gsae_jax/sae/select.py): 'auto' is 'by_k' on the CPU backend (bisection
+for large k and whole-batch selections, lax.top_k for small k) and lax.top_k
+elsewhere (docs/benchmarks.md, "Selecting the top k").
 
 This is the one place that looks at jax.default_backend() to pick a step.
 `sae.compute_dtype` stays float32 by default on every backend:
@@ -52,14 +53,14 @@ def resolve_step_impl(
 
 
 def resolve_select_impl(select_impl: str, backend: str | None = None) -> str:
-  """'top_k' or 'bisect' for `select_impl` on `backend` (default: JAX's)."""
+  """'top_k', 'bisect' or 'by_k' for `select_impl` on `backend` (default: JAX's)."""
   if select_impl not in models.SELECT_IMPLS:
     raise ValueError(
         f'config.sae.select_impl: {select_impl!r} is not one of {models.SELECT_IMPLS}'
     )
   if select_impl != 'auto':
     return select_impl
-  return 'bisect' if (backend or jax.default_backend()) == 'cpu' else 'top_k'
+  return 'by_k' if (backend or jax.default_backend()) == 'cpu' else 'top_k'
 
 
 def resolve(spec: models.SAESpec) -> models.SAESpec:

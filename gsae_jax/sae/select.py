@@ -11,11 +11,13 @@ Two exact algorithms, chosen by `sae.select_impl` (see
 gsae_jax/backends/__init__.py, where 'auto' is resolved):
 
   'top_k'   jax.lax.top_k(k_max), then the k-th column: what accelerators
-            have kernels for;
+            have kernels for (the choice there);
   'bisect'  a bisection on the values' bit patterns (32 counting passes, no
-            sort): on the CPU backend 12-20x faster than lax.top_k at the main
-            job's shapes (docs/benchmarks.md, "Selecting the top k"), because
-            XLA's CPU top_k sorts.
+            sort);
+  'by_k'    (the CPU's 'auto') bisect from k_max >= BISECT_FROM_K, lax.top_k
+            below: XLA's CPU top_k is quick for small k but slows with k, and
+            a whole batch's selection (k x batch) is 15-29x faster by
+            bisection (docs/benchmarks.md, "Selecting the top k").
 
 Both return the same value (the k-th largest element, ties included), tested
 equal in tests/sae/test_select.py.
@@ -27,6 +29,9 @@ import jax
 import jax.numpy as jnp
 
 SELECT_IMPLS = ('auto', 'top_k', 'bisect')
+# 'by_k' on the CPU backend: lax.top_k was faster up to k 32, bisection from
+# k 64 (rows of 1152 and 4608 latents, batch 512; docs/benchmarks.md).
+BISECT_FROM_K = 128
 
 
 def _sortable_int(x: jax.Array) -> jax.Array:
@@ -67,9 +72,11 @@ def kth_largest(x: jax.Array, k: jax.Array, k_max: int, impl: str) -> jax.Array:
   """
   x = jax.lax.stop_gradient(x).astype(jnp.float32)
   k = jnp.asarray(k, jnp.int32)
+  if impl == 'by_k':
+    impl = 'bisect' if k_max >= BISECT_FROM_K else 'top_k'
   if impl == 'bisect':
     return _kth_largest_bisect(x, jnp.broadcast_to(k, x.shape[:-1]))
-  if impl not in ('top_k', 'auto'):
+  if impl not in ('top_k', 'auto'):  # 'auto' unresolved: the reference, top_k
     raise ValueError(f'select impl {impl!r} is not one of {SELECT_IMPLS}')
   top = jax.lax.top_k(x, min(int(k_max), x.shape[-1]))[0]  # [..., k_max] descending
   idx = jnp.broadcast_to(k - 1, x.shape[:-1])[..., None]
