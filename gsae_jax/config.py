@@ -97,6 +97,12 @@ def _fields() -> tuple[Field, ...]:
           "(docs/models.md); '' = the bundled SmolLM2-135M.",
       ),
       F(
+          'harvest.model_dtype',
+          'float32',
+          'Weight dtype of the LM in harvest and evaluation (a Hugging Face checkpoint may be kept in bfloat16).',
+          ('float32', 'bfloat16'),
+      ),
+      F(
           'harvest.site',
           'blocks.15.hook_resid_post',
           'Hook site, blocks.<layer>.hook_<hook>; hooks: ' + ', '.join(HOOKS) + '.',

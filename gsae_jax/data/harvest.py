@@ -56,7 +56,7 @@ def harvest(
     raise ValueError('config.data.cache_dir: required to harvest (where to write)')
   # The text must exist before the LM is loaded or the cache directory made.
   text.get_builder(h.dataset, h.data_dir or None)
-  model = model or lm_lib.load(_model_path(h))
+  model = model or lm_lib.load(_model_path(h), dtype=h.get('model_dtype', 'float32'))
   model.site(h.site)  # a bad site fails here, before any work
   model.check_seq_len(int(h.context_len))  # and a context the model cannot run
   model_name = getattr(model, 'name', '') or os.path.basename(model.path)

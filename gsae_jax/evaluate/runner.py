@@ -457,7 +457,13 @@ def load_lm_for(saes: Sequence[Any]):
         f'the SAEs were harvested from different LMs {sorted(models_named)}; '
         "evaluate each model's SAEs separately"
     )
-  return lm_lib.load(next(iter(models_named)) or None)
+  dtypes = {
+      s.config.harvest.get('model_dtype', 'float32')
+      for s in saes
+      if s.config.data.source != 'synthetic'
+  }
+  dtype = 'bfloat16' if dtypes == {'bfloat16'} else 'float32'
+  return lm_lib.load(next(iter(models_named)) or None, dtype=dtype)
 
 
 def evaluate_all(saes: Sequence[Any], lm: Any = None, **kwargs) -> list[dict[str, Any]]:

@@ -66,3 +66,19 @@ def test_harvest_sweep_evaluate_export(family, tmp_path):
   assert (cfg["model_name"], cfg["hook_name"], cfg["hook_layer"]) == (family, SITE, 1)
   assert cfg["d_in"] == 64 and cfg["prepend_bos"] == (family == "gemma2")
   assert cfg["gsae_jax_model_file"] == family
+
+
+def test_harvest_keeps_a_checkpoint_in_bfloat16_when_asked(tmp_path):
+  model_dir = os.path.join(FIXTURES, "qwen3")
+  acts = {}
+  for dtype in ("float32", "bfloat16"):
+    c = _config(model_dir, tmp_path / dtype)
+    c.harvest.model_dtype = dtype
+    c.harvest.num_tokens = 64
+    harvest.harvest(c)
+    stored = cache.Cache(str(tmp_path / dtype))
+    acts[dtype] = stored.read_range(0, 60)
+  a, b = acts["float32"], acts["bfloat16"]
+  assert not np.array_equal(a, b)  # the weights really were bfloat16
+  rel = np.linalg.norm(a - b) / np.linalg.norm(a)
+  assert rel < 0.05, rel
