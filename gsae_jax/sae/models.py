@@ -525,14 +525,10 @@ def stacked_forward(
   coeff = jnp.asarray(sparsity_coeff, jnp.float32)
   n = coeff.shape[0]
   k = jnp.full((n,), spec.k_max, jnp.int32) if k is None else jnp.asarray(k, jnp.int32)
-  if dead is None:
-    out = jax.vmap(lambda p, c, kk: forward(spec, p, x, c, kk), in_axes=(0, 0, 0))(
-        params, coeff, k
-    )
-  else:
-    out = jax.vmap(
-        lambda p, c, kk, d: forward(spec, p, x, c, kk, d), in_axes=(0, 0, 0, 0)
-    )(params, coeff, k, dead)
+  dead_axis = None if dead is None else 0
+  out = jax.vmap(functools.partial(forward, spec), in_axes=(0, None, 0, 0, dead_axis))(
+      params, x, coeff, k, dead
+  )
   if latent_sharding is not None:
     out['f'] = jax.lax.with_sharding_constraint(out['f'], latent_sharding)
   return out

@@ -20,7 +20,7 @@ gsae_jax/backends/__init__.py, where 'auto' is resolved):
             bisection (docs/benchmarks.md, "Selecting the top k").
 
 Both return the same value (the k-th largest element, ties included), tested
-equal in tests/sae/test_select.py.
+equal in tests/sae/test_architectures.py.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 
 SELECT_IMPLS = ('auto', 'top_k', 'bisect')
-# 'by_k' on the CPU backend: lax.top_k was faster up to k 32, bisection from
-# k 64 (rows of 1152 and 4608 latents, batch 512; docs/benchmarks.md).
+# 'by_k' on the CPU backend: per row, lax.top_k was faster up to k 32 (batch
+# 512) and up to k 64 (batch 4096), bisection from k 128 (docs/benchmarks.md).
 BISECT_FROM_K = 128
 
 

@@ -83,9 +83,9 @@ def make_train_step(
 
   def train_step(state: TrainState, x: jax.Array):
     x = x.astype(jnp.float32) * state.norm_scale
-    coeff = jax.vmap(optim.sparsity_coefficient, in_axes=(0, None, None))(
-        state.hparams, state.step, spec.architecture
-    )
+    coeff = jax.vmap(
+        lambda hp: optim.sparsity_coefficient(hp, state.step, spec.architecture)
+    )(state.hparams)
     # AuxK's dead latents [T App. A.2]: silent for the dead window so far.
     dead = state.steps_since_fired >= window if spec.k_max else None
 
