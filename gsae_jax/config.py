@@ -75,7 +75,9 @@ def _fields() -> tuple[Field, ...]:
       F(
           'data.cache_dir',
           '',
-          'An activation cache written by launch.harvest (data.source=cache).',
+          'The activation store written by launch.harvest (data.source=cache): a '
+          "local path, gs://bucket/path or s3://bucket/path; '{site}' in it is "
+          'replaced by the hook name (required for several harvest.sites).',
       ),
       F(
           'data.shuffle_buffer',
@@ -83,11 +85,11 @@ def _fields() -> tuple[Field, ...]:
           'Activations in the shuffle window [P App. D].',
       ),
       F('data.seed', 0, 'Shuffle order of the cache (shared by every SAE of a stack).'),
-      F('data.prefetch', 4, "Batches the reader's thread prepares ahead."),
+      F('data.prefetch', 4, 'Batches the grain reader prepares ahead.'),
       F(
           'data.eval_cache_dir',
           '',
-          'A held-out cache for eval.every_steps (cache sources).',
+          'A held-out store for eval.every_steps (cache sources; may hold {site}).',
       ),
       # Harvesting activations into a cache (launch.harvest -> data.cache_dir).
       F(
@@ -105,7 +107,14 @@ def _fields() -> tuple[Field, ...]:
       F(
           'harvest.site',
           'blocks.15.hook_resid_post',
-          'Hook site, blocks.<layer>.hook_<hook>; hooks: ' + ', '.join(HOOKS) + '.',
+          'Hook site, blocks.<layer>.hook_<hook>; hooks: ' + ', '.join(HOOKS) + '. '
+          'The site an SAE trains on (its store: data.cache_dir at this site).',
+      ),
+      F(
+          'harvest.sites',
+          (),
+          'Sites harvested from ONE pass of the LM, one store each (data.cache_dir '
+          "with '{site}'); () = (harvest.site,).",
       ),
       F(
           'harvest.dataset',
@@ -127,7 +136,8 @@ def _fields() -> tuple[Field, ...]:
       F(
           'harvest.num_tokens',
           1_000_000,
-          'Activations to store (stops early if the text runs out).',
+          'Activations to store: ceil(num_tokens / (context_len - 1)) contexts, '
+          'less dropped outliers (fewer if the text runs out).',
       ),
       F('harvest.lm_batch_size', 8, 'Contexts per LM call.'),
       F(
@@ -144,12 +154,13 @@ def _fields() -> tuple[Field, ...]:
       F(
           'harvest.shard_rows',
           1 << 18,
-          'Rows per cache shard file (a multiple of record_rows).',
+          'Rows per shard, the unit of harvest work, parallelism and resume (a '
+          'multiple of record_rows, >= context_len - 1).',
       ),
       F(
           'harvest.record_rows',
           4096,
-          'Rows per checksummed record (the unit of reads).',
+          'Rows per zarr chunk, crc32c-checksummed (the unit of reads and shuffling).',
       ),
       # x = sum_i a_i d_i + noise, ~avg_active non-negative a_i ~ U(low, high).
       F(
@@ -550,12 +561,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def validate_harvest(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad config.harvest field."""
   h = config.harvest
-  site_ok = re.fullmatch(rf'blocks\.\d+\.hook_({"|".join(HOOKS)})', h.site)
+  for field, names in (('harvest.site', (h.site,)), ('harvest.sites', h.sites)):
+    for site in names:
+      site_ok = isinstance(site, str) and re.fullmatch(
+          rf'blocks\.\d+\.hook_({"|".join(HOOKS)})', site
+      )
+      _require(
+          bool(site_ok),
+          field,
+          f'{site!r} is not a hook name like blocks.15.hook_resid_post '
+          f'(hooks: {", ".join(HOOKS)})',
+      )
   _require(
-      bool(site_ok),
-      'harvest.site',
-      f'{h.site!r} is not a hook name like blocks.15.hook_resid_post '
-      f'(hooks: {", ".join(HOOKS)})',
+      len(set(h.sites)) == len(tuple(h.sites)), 'harvest.sites', 'has a repeated site'
+  )
+  _require(
+      len(tuple(h.sites)) <= 1 or '{site}' in config.data.cache_dir,
+      'data.cache_dir',
+      f"must contain '{{site}}' to hold the stores of {len(tuple(h.sites))} "
+      f'harvest.sites, got {config.data.cache_dir!r}',
   )
   _require(
       h.context_len >= 2, 'harvest.context_len', 'must be >= 2 (position 0 is dropped)'
@@ -567,6 +591,11 @@ def validate_harvest(config: ml_collections.ConfigDict) -> None:
       h.record_rows > 0 and h.shard_rows > 0 and h.shard_rows % h.record_rows == 0,
       'harvest.shard_rows',
       'must be a positive multiple of harvest.record_rows',
+  )
+  _require(
+      h.shard_rows >= h.context_len - 1,
+      'harvest.shard_rows',
+      f'must hold at least one context ({h.context_len - 1} rows), got {h.shard_rows}',
   )
 
 

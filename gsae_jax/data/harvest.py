@@ -1,36 +1,78 @@
-"""Harvest: run the LM over text once and store its activations as a cache.
+"""Harvest: run the LM over text once and store its activations, site by site.
 
 Documents from a TFDS text dataset are tokenised and packed into contexts of
 `harvest.context_len` tokens (stream order, no BOS: SmolLM2 adds none); the LM
-runs up to the site; position 0 of every context (an attention sink, ~100x the
-median norm, docs/design.md §3) is dropped and the other positions are appended to a
-`cache.CacheWriter`. The contexts are a pure function of the config, so an
-interrupted harvest resumes: the writer keeps its complete shards, the
-harvest skips the contexts they hold without running the LM on them, and the
-finished cache is byte-identical to an uninterrupted one. The manifest is
-written last; until then the cache does not look complete.
+runs ONCE per batch of contexts up to the deepest of `harvest.sites` and every
+site's activations go to that site's store (`store_path`); position 0 of every
+context (an attention sink, ~100x the median norm, docs/design.md §3) and
+outliers are dropped.
+
+Work is split in shards (store.py): shard s holds contexts
+[s * cps, (s + 1) * cps), cps = shard_rows // (context_len - 1), a function
+of the config alone. Process p of P harvests the shards s with s % P == p
+that are not complete yet, so:
+  - many processes (--num_processes/--process_id, or jax.distributed) harvest
+    disjoint shards, each writing its own chunks;
+  - a killed process re-run with the same arguments redoes only its
+    unfinished shards;
+  - the store is marked complete (its manifest written) once, by the process
+    that finds every shard done; the result is byte-identical to a
+    one-process harvest.
+Every process reads the text stream from its start (tokenising is ~100x
+cheaper than the LM) and runs the LM only on its own shards' contexts.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
+import math
 import os
+from collections.abc import Iterator
 
 import ml_collections
 import numpy as np
 
 from gsae_jax import config as config_lib
 from gsae_jax import logs
-from gsae_jax.data import cache as cache_lib
+from gsae_jax.data import store as store_lib
 from gsae_jax.data import text
 
 
-def _model_path(h: ml_collections.ConfigDict) -> str | None:
-  return h.model or None
+def sites(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The sites a harvest writes: harvest.sites, or (harvest.site,)."""
+  return tuple(config.harvest.sites) or (config.harvest.site,)
 
 
-def _contexts(model, h: ml_collections.ConfigDict):
+def store_path(path: str, site: str, n_sites: int = 1) -> str:
+  """A site's store: `path` with '{site}' replaced by the hook name.
+
+  Raises:
+    ValueError: several sites but no '{site}' in the path.
+  """
+  if '{site}' in path:
+    return path.replace('{site}', site)
+  if n_sites > 1:
+    raise ValueError(
+        f"config.data.cache_dir: {path!r} must contain '{{site}}' to hold the "
+        f'stores of {n_sites} sites (e.g. cache/smollm2/{{site}})'
+    )
+  return path
+
+
+def train_store(config: ml_collections.ConfigDict, field: str = 'cache_dir') -> str:
+  """The store a training run reads: data.<field> at harvest.site."""
+  return store_path(config.data[field], config.harvest.site)
+
+
+def _shard_plan(h: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(contexts per shard, contexts, shards) for the harvest settings."""
+  rows_per_context = int(h.context_len) - 1  # position 0 is dropped
+  per_shard = int(h.shard_rows) // rows_per_context
+  contexts = math.ceil(int(h.num_tokens) / rows_per_context)
+  return per_shard, contexts, math.ceil(contexts / per_shard)
+
+
+def _contexts(model, h: ml_collections.ConfigDict) -> Iterator[np.ndarray]:
   docs = text.iter_documents(
       h.dataset, split=h.split, data_dir=h.data_dir or None, text_key=h.text_key
   )
@@ -40,96 +82,153 @@ def _contexts(model, h: ml_collections.ConfigDict):
 
 
 def harvest(
-    config: ml_collections.ConfigDict, cache_dir: str | None = None, model=None
-) -> dict:
-  """Writes (or completes) the cache at `cache_dir` (default data.cache_dir).
+    config: ml_collections.ConfigDict,
+    cache_dir: str | None = None,
+    model=None,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> dict[str, dict | None]:
+  """Writes (or completes) this process's shards of every site's store.
 
-  Returns the cache's manifest. A complete cache with the same model, site and
-  width is left as it is; one with others is an error.
+  Args:
+    config: the run config (harvest.*, data.cache_dir).
+    cache_dir: overrides data.cache_dir (may hold '{site}').
+    model: an already loaded LM (default: harvest.model).
+    process_index, process_count: this process's slice of the shards
+      (default: jax.process_index() / jax.process_count()).
+
+  Returns:
+    {site: manifest}, None for a store still waiting on other processes'
+    shards. A complete store of the same model and site is left as it is;
+    one of another model or site is an error.
   """
   from gsae_jax import lm as lm_lib  # noqa: PLC0415 (heavy; only harvest needs it)
 
   config_lib.validate(config)
   h = config.harvest
-  cache_dir = cache_dir or config.data.cache_dir
-  if not cache_dir:
+  if process_index is None or process_count is None:
+    import jax  # noqa: PLC0415
+
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'--process_id {process_index} not in [0, {process_count})')
+  root = cache_dir or config.data.cache_dir
+  if not root:
     raise ValueError('config.data.cache_dir: required to harvest (where to write)')
-  # The text must exist before the LM is loaded or the cache directory made.
+  all_sites = sites(config)
+  paths = {s: store_path(root, s, len(all_sites)) for s in all_sites}
+  # The text must exist before the LM is loaded or any store is made.
   text.get_builder(h.dataset, h.data_dir or None)
-  model = model or lm_lib.load(_model_path(h), dtype=h.get('model_dtype', 'float32'))
-  model.site(h.site)  # a bad site fails here, before any work
+  model = model or lm_lib.load(h.model or None, dtype=h.get('model_dtype', 'float32'))
+  for site in all_sites:
+    model.site(site)  # a bad site fails here, before any work
   model.check_seq_len(int(h.context_len))  # and a context the model cannot run
   model_name = getattr(model, 'name', '') or os.path.basename(model.path)
-  manifest_path = os.path.join(cache_dir, cache_lib.MANIFEST)
-  if os.path.exists(manifest_path):
-    done = cache_lib.Cache(cache_dir, d_in=model.d_model, verify='none')
-    manifest = done.manifest
-    done.close()
-    if (manifest['model'], manifest['site']) != (model_name, h.site):
-      raise cache_lib.CacheError(
-          f'{manifest_path}: a complete cache of {manifest["model"]} at '
-          f'{manifest["site"]}, not {model_name} at {h.site}; use another '
-          'data.cache_dir'
-      )
-    logs.info(f'cache {cache_dir} is complete ({manifest["count"]:,} activations)')
-    return manifest
 
-  lm_batch = int(h.lm_batch_size)
+  results: dict[str, dict | None] = {}
+  for site, path in paths.items():
+    if store_lib.exists(path):
+      done = store_lib.Store(path, d_in=model.d_model)
+      m = done.manifest
+      if (m['model'], m['site']) != (model_name, site):
+        raise store_lib.StoreError(
+            f'{path}: a complete store of {m["model"]} at {m["site"]}, not '
+            f'{model_name} at {site}; use another data.cache_dir'
+        )
+      logs.info(f'store {path} is complete ({m["count"]:,} activations)')
+      results[site] = m
+  todo_sites = [s for s in all_sites if s not in results]
+  if not todo_sites:
+    return results
+
+  per_shard, num_contexts, num_shards = _shard_plan(h)
+  layout = store_lib.Layout(
+      d_in=model.d_model,
+      dtype=h.dtype,
+      record_rows=int(h.record_rows),
+      shard_rows=int(h.shard_rows),
+      num_shards=num_shards,
+  )
   metadata = {
       'dataset': h.dataset,
       'split': h.split,
       'context_len': int(h.context_len),
+      'contexts_per_shard': per_shard,
+      'num_contexts': num_contexts,
+      'lm_batch_size': int(h.lm_batch_size),
       'dropped_positions': [0],
       'outlier_norm_factor': float(h.outlier_norm_factor),
   }
-  with cache_lib.CacheWriter(
-      cache_dir,
-      d_in=model.d_model,
-      dtype=h.dtype,
-      model=model_name,
-      site=h.site,
-      shard_rows=int(h.shard_rows),
-      record_rows=int(h.record_rows),
-      metadata=metadata,
-  ) as writer:
-    journal = _Journal(os.path.join(cache_dir, JOURNAL))
-    skip, rows = journal.resume_point(writer.resumed_rows)
-    if writer.resumed_rows:
-      logs.info(f'resuming harvest into {cache_dir} after {writer.resumed_rows:,} rows')
-    contexts = _contexts(model, h)
-    progress = logs.Progress('harvest', int(h.num_tokens), 'activations', rows)
-    done, dropped = 0, 0
-    while rows < int(h.num_tokens):
-      ids = list(itertools.islice(contexts, lm_batch))
-      if not ids:
-        break
-      done += len(ids)
-      if done <= skip:
-        continue  # stored by an earlier, interrupted harvest
-      n = len(ids)
-      ids += [ids[-1]] * (lm_batch - n)  # one compiled shape; padding dropped
-      acts = np.asarray(model.activations(np.stack(ids), h.site))[:n, 1:]
-      acts = acts.reshape(-1, model.d_model)
-      keep = inliers(acts, float(h.outlier_norm_factor))
-      dropped += int(acts.shape[0] - keep.sum())
-      acts = acts[keep][: int(h.num_tokens) - rows]
-      writer.append(acts, start_row=rows)
-      rows += acts.shape[0]
-      journal.record(done, rows)
-      progress.update(rows)
-    if rows < int(h.num_tokens):
-      logs.info(
-          f'the text ran out after {rows:,} activations '
-          f'(harvest.num_tokens asked for {int(h.num_tokens):,})'
+  writers = {
+      s: store_lib.StoreWriter(
+          paths[s], layout, model=model_name, site=s, metadata=metadata
       )
-    if dropped:
-      logs.info(f'dropped {dropped:,} outlier activations (norm > factor x median)')
-    manifest = writer.finish()
-  os.remove(journal.path)
-  return manifest
+      for s in todo_sites
+  }
+  done = {s: w.done_shards() for s, w in writers.items()}
+  # This process's shards, each with the sites still missing it.
+  mine = {
+      shard: [s for s in todo_sites if shard not in done[s]]
+      for shard in range(process_index, num_shards, process_count)
+  }
+  mine = {shard: ss for shard, ss in mine.items() if ss}
+  resumed = sum(1 for s in range(process_index, num_shards, process_count)) - len(mine)
+  logs.info(
+      f'harvest: {len(mine)} of {num_shards} shards for process {process_index}/'
+      f'{process_count} ({per_shard} contexts each)'
+      + (f'; {resumed} already done' if resumed else '')
+  )
+  if mine:
+    _harvest_shards(model, h, mine, writers, per_shard, num_contexts)
+  for site, writer in writers.items():
+    results[site] = writer.finalize()
+    if results[site] is None:
+      missing = sorted(set(range(num_shards)) - writer.done_shards())
+      logs.info(
+          f'store {paths[site]}: waiting for shards {missing} from other processes '
+          '(the process that finishes last writes the manifest)'
+      )
+  return results
 
 
-JOURNAL = 'harvest_journal.jsonl'
+def _harvest_shards(model, h, mine, writers, per_shard, num_contexts) -> None:
+  """Runs the LM over the contexts of the shards in `mine`, shard by shard."""
+  lm_batch = int(h.lm_batch_size)
+  factor = float(h.outlier_norm_factor)
+  expected = sum(
+      min(per_shard, num_contexts - s * per_shard) * (int(h.context_len) - 1)
+      for s in mine
+  )
+  progress = logs.Progress('harvest', expected, 'activations', 0)
+  contexts = itertools.islice(_contexts(model, h), num_contexts)
+  rows_done = 0
+  for shard in range(max(mine) + 1):
+    block = list(itertools.islice(contexts, per_shard))  # this shard's contexts
+    if shard not in mine:
+      continue  # another process's, or already stored
+    shard_sites = mine[shard]
+    shard_writers = {s: writers[s].shard(shard) for s in shard_sites}
+    dropped = dict.fromkeys(shard_sites, 0)
+    for start in range(0, len(block), lm_batch):
+      ids = block[start : start + lm_batch]
+      n = len(ids)
+      ids = ids + [ids[-1]] * (lm_batch - n)  # one compiled shape; padding dropped
+      acts = model.activations_at(np.stack(ids), tuple(shard_sites))
+      for site, a in zip(shard_sites, acts, strict=True):
+        a = np.asarray(a)[:n, 1:].reshape(-1, model.d_model)
+        keep = inliers(a, factor)
+        dropped[site] += int(a.shape[0] - keep.sum())
+        shard_writers[site].append(a[keep])
+      rows_done += n * (int(h.context_len) - 1)
+      progress.update(rows_done)
+    for site, w in shard_writers.items():
+      w.finish(contexts=len(block), dropped=dropped[site])
+    if len(block) < per_shard and shard * per_shard + len(block) < num_contexts:
+      logs.info(
+          f'the text ran out in shard {shard} after {shard * per_shard + len(block):,} '
+          f'contexts (harvest.num_tokens asked for {num_contexts:,})'
+      )
 
 
 def inliers(acts: np.ndarray, factor: float) -> np.ndarray:
@@ -143,37 +242,3 @@ def inliers(acts: np.ndarray, factor: float) -> np.ndarray:
     return np.ones(acts.shape[0], bool)
   norms = np.linalg.norm(acts.astype(np.float32), axis=-1)
   return norms <= factor * np.median(norms)
-
-
-class _Journal:
-  """(contexts consumed, rows stored) after every LM batch, for resuming.
-
-  Rows per context vary (outliers are dropped), so the writer's row count
-  alone does not say where the text stream stands. Lines are appended and
-  fsynced; a torn last line is ignored.
-  """
-
-  def __init__(self, path: str):
-    self.path = path
-
-  def resume_point(self, resumed_rows: int) -> tuple[int, int]:
-    """The newest (contexts, rows) with rows <= the rows kept by the writer."""
-    best = (0, 0)
-    if resumed_rows and os.path.exists(self.path):
-      with open(self.path) as f:
-        for line in f:
-          try:
-            contexts, rows = json.loads(line)
-          except (ValueError, TypeError):
-            continue
-          if rows <= resumed_rows and rows >= best[1]:
-            best = (contexts, rows)
-    elif os.path.exists(self.path):
-      os.remove(self.path)
-    return best
-
-  def record(self, contexts: int, rows: int) -> None:
-    with open(self.path, 'a') as f:
-      f.write(json.dumps([contexts, rows]) + '\n')
-      f.flush()
-      os.fsync(f.fileno())

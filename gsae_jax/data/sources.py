@@ -16,23 +16,27 @@ import jax
 import ml_collections
 import numpy as np
 
-from gsae_jax.data import cache as cache_lib
-from gsae_jax.data import synthetic
+from gsae_jax.data import harvest, loader, store, synthetic
 
 
 class CacheSource:
-  """Training batches from an activation cache (launch.harvest).
+  """Training batches from an activation store (launch.harvest).
 
-  Each process reads only its slice of the cache (cache.CacheReader), in a
-  background thread, and gets its own rows of each global batch.
+  Each process reads only its slice of the store through the grain pipeline
+  of loader.ActivationLoader, prefetched in background threads, and gets its
+  own rows of each global batch.
   """
 
   process_rows = True  # next_batch() is this process's rows of the batch
 
   def __init__(self, config: ml_collections.ConfigDict):
-    self.eval_cache_dir = config.data.eval_cache_dir
-    self.reader = cache_lib.CacheReader(
-        config.data.cache_dir,
+    self.eval_path = (
+        harvest.train_store(config, 'eval_cache_dir')
+        if config.data.eval_cache_dir
+        else ''
+    )
+    self.reader = loader.ActivationLoader(
+        harvest.train_store(config),
         batch_size=int(config.train.batch_size),
         seed=int(config.data.seed),
         shuffle_buffer=int(config.data.shuffle_buffer),
@@ -46,22 +50,19 @@ class CacheSource:
     return next(self.reader)
 
   def mean_squared_norm(self, num_batches: int) -> float:
-    del num_batches  # the manifest has E||x||^2 over the whole cache
-    return self.reader.cache.mean_sq_norm
+    del num_batches  # the manifest has E||x||^2 over the whole store
+    return self.reader.store.mean_sq_norm
 
   def mean_vector(self, num_batches: int) -> np.ndarray:
     del num_batches  # and E[x]
-    return np.asarray(self.reader.cache.mean, np.float32)
+    return np.asarray(self.reader.store.mean, np.float32)
 
   def heldout_batch(self):
     """The first batch_size rows of data.eval_cache_dir (None if unset)."""
-    if not self.eval_cache_dir:
+    if not self.eval_path:
       return None
-    held = cache_lib.Cache(self.eval_cache_dir, d_in=self.reader.d_in)
-    rows = min(self.reader.batch_size, held.num_rows)
-    x = held.read_range(0, rows).astype(np.float32)
-    held.close()
-    return x
+    held = store.Store(self.eval_path, d_in=self.reader.d_in)
+    return held.read_range(0, min(self.reader.batch_size, held.num_rows))
 
   def get_state(self) -> dict:
     return self.reader.get_state()
@@ -84,17 +85,19 @@ def make_source(config: ml_collections.ConfigDict):
 
 
 def check_source(config: ml_collections.ConfigDict) -> None:
-  """Raises the error `make_source` would (a missing or mismatched cache),
+  """Raises the error `make_source` would (a missing or mismatched store),
   without starting a reader: for callers that must check before writing."""
   if config.data.source != 'cache':
     return
   for field in ('cache_dir', 'eval_cache_dir'):
-    directory = config.data[field]
-    if field == 'eval_cache_dir' and not (directory and config.eval.every_steps):
+    if field == 'eval_cache_dir' and not (
+        config.data[field] and config.eval.every_steps
+    ):
       continue
-    if not os.path.isdir(directory):
+    path = harvest.train_store(config, field)
+    if store.is_local(path) and not os.path.isdir(path):
       raise FileNotFoundError(
-          f'config.data.{field}: {directory} does not exist; write it with '
+          f'config.data.{field}: {path} does not exist; write it with '
           'python -m launch.harvest --config=<the same config>'
       )
-    cache_lib.Cache(directory, d_in=int(config.sae.d_in), verify='none').close()
+    store.Store(path, d_in=int(config.sae.d_in))

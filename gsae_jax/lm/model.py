@@ -67,7 +67,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -556,6 +556,41 @@ def run_activations(
   return _block(config, p, resid, rope, hook=parsed.hook, stop=True, layer=parsed.layer)
 
 
+def run_sites(
+    params: Params, config: ModelConfig, ids: jax.Array, sites: tuple[str, ...]
+) -> tuple[jax.Array, ...]:
+  """Activations at several sites from ONE pass, each [batch, seq, d_model].
+
+  Runs layers 0..L (L the deepest site) once. The residual stream advances by
+  scans between the sites' depths, so each site sees exactly the computation
+  `run_activations` does for it alone: a residual-stream site is the scan's
+  carry; an in-block site (attn_out, mlp_out, resid_mid) is one extra block
+  run on that carry with `stop`, as in `run_activations`, while the stream
+  goes on by the scan. Pure and jittable with `config` and `sites` static.
+  """
+  parsed = [parse_site(s, config.n_layers) for s in sites]
+  rope = _rope_tables(config, ids.shape[1])
+  resid = _embed(config, params, ids)
+  blocks = params["blocks"]
+  # The residual-stream depth each site needs: its blocks_before, or its layer
+  # (then one more block on that carry).
+  depth = [p.blocks_before if p.blocks_before is not None else p.layer for p in parsed]
+  out: list[jax.Array | None] = [None] * len(sites)
+  done = 0
+  for d in sorted(set(depth)):
+    resid = _run_layers(config, blocks, resid, rope, done, d)
+    done = d
+    for i, p in enumerate(parsed):
+      if depth[i] != d:
+        continue
+      if p.blocks_before is not None:
+        out[i] = resid
+      else:
+        lp = _layer_params(blocks, p.layer)
+        out[i] = _block(config, lp, resid, rope, hook=p.hook, stop=True, layer=p.layer)
+  return tuple(out)
+
+
 def _final_resid(
     params: Params,
     config: ModelConfig,
@@ -681,6 +716,7 @@ _STATIC = ("config", "site", "splice_fn", "splice_from")
 _jit_logits = jax.jit(run_logits, static_argnames=_STATIC)
 _jit_cross_entropy = jax.jit(run_cross_entropy, static_argnames=_STATIC)
 _jit_activations = jax.jit(run_activations, static_argnames=("config", "site"))
+_jit_sites = jax.jit(run_sites, static_argnames=("config", "sites"))
 
 
 # ---------------------------------------------------------------------------
@@ -891,6 +927,17 @@ class LanguageModel:
     """Activations [batch, seq, d_model] at `site`, running layers 0..L only."""
     parse_site(site, self.config.n_layers)
     return _jit_activations(self.params, self.config, self._ids(ids), site=site)
+
+  def activations_at(self, ids: Any, sites: Sequence[str]) -> tuple[jax.Array, ...]:
+    """Activations at each of `sites` from one pass, [batch, seq, d_model] each.
+
+    Equal to `activations(ids, site)` for each site; for sites deep in the
+    model it costs one forward pass to the deepest, not one per site.
+    """
+    sites = tuple(sites)
+    for site in sites:
+      parse_site(site, self.config.n_layers)
+    return _jit_sites(self.params, self.config, self._ids(ids), sites=sites)
 
   def generate(self, ids: Any, n_new: int) -> np.ndarray:
     """Greedy continuation: returns ids [batch, seq + n_new] (int32).

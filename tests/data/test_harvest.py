@@ -1,17 +1,26 @@
-"""Harvest from the real LM into a cache, and training from that cache."""
+"""Harvest from the real LM into stores, in one or many processes, and training from them."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
+import toy_store as toy
 
 from experiments import smollm2_sweep
 from gsae_jax import train
-from gsae_jax.data import cache, harvest, text
+from gsae_jax.data import harvest, text
+from gsae_jax.data import store as store_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SITE = 'blocks.15.hook_resid_post'
 
 
 def mini_config(cache_dir, **harvest_overrides):
-  """The main job's miniature harvest, trained as one SAE."""
+  """The main job's miniature harvest (40 contexts in 5 shards), trained as one SAE."""
   c = smollm2_sweep.get_config('test')
   c.sweep.architecture, c.sweep.l1_coeff = (), ()
   c.data.cache_dir = str(cache_dir)
@@ -28,25 +37,23 @@ def mini_config(cache_dir, **harvest_overrides):
 @pytest.fixture(scope='module')
 def harvested(lm, tmp_path_factory):
   path = tmp_path_factory.mktemp('harvest') / 'cache'
-  manifest = harvest.harvest(mini_config(path), model=lm)
+  manifest = harvest.harvest(mini_config(path), model=lm)[SITE]
   return path, manifest
 
 
 def test_harvest_writes_the_lm_activations_without_position_0(harvested, lm):
   path, manifest = harvested
-  assert manifest['count'] == 600
+  assert manifest['count'] == 600  # 40 contexts x 15 positions, no outliers here
   assert manifest['d_in'] == lm.d_model == 576
-  assert manifest['site'] == 'blocks.15.hook_resid_post'
-  assert not os.path.exists(os.path.join(path, harvest.JOURNAL))
-  # The first context, run directly: the cache holds positions 1..15.
+  assert manifest['site'] == SITE
+  assert [s['rows'] for s in manifest['shards']] == [120] * 5  # 8 contexts each
+  # The first context, run directly: the store holds positions 1..15.
   docs = text.iter_documents(split='train')
   first = next(text.iter_contexts(docs, lm, 16))
-  direct = np.asarray(lm.activations(first[None], 'blocks.15.hook_resid_post'))[0]
-  stored = cache.Cache(path).read_range(0, 15).astype(np.float32)
-  np.testing.assert_allclose(stored, direct[1:], rtol=2e-3, atol=2e-3)
-  norms = np.linalg.norm(
-      cache.Cache(path).read_range(0, 600).astype(np.float32), axis=-1
-  )
+  direct = np.asarray(lm.activations(first[None], SITE))[0]
+  store = store_lib.Store(str(path))
+  np.testing.assert_allclose(store.read_range(0, 15), direct[1:], rtol=2e-3, atol=2e-3)
+  norms = np.linalg.norm(store.read_range(0, 600), axis=-1)
   assert norms.max() <= 10 * np.median(norms) * 1.01  # no attention sinks kept
 
 
@@ -56,28 +63,96 @@ def test_interrupted_harvest_resumes_to_the_same_bytes(
   full_path, _ = harvested
   path = tmp_path / 'cache'
   calls = []
-  real = lm.activations
+  real = lm.activations_at
 
-  def dies_on_the_fifth_call(ids, site):
+  def dies_on_the_fifth_call(ids, sites):
     calls.append(1)
-    if len(calls) == 5:
+    if len(calls) == 5:  # in shard 2, after its first chunk is written
       raise KeyboardInterrupt('simulated kill')
-    return real(ids, site)
+    return real(ids, sites)
 
-  monkeypatch.setattr(lm, 'activations', dies_on_the_fifth_call)
+  monkeypatch.setattr(lm, 'activations_at', dies_on_the_fifth_call)
   with pytest.raises(KeyboardInterrupt):
     harvest.harvest(mini_config(path), model=lm)
-  monkeypatch.setattr(lm, 'activations', real)
-  assert not os.path.exists(path / cache.MANIFEST)  # never looks complete
-  with pytest.raises(cache.CacheError, match='manifest'):
-    cache.Cache(path)
+  monkeypatch.setattr(lm, 'activations_at', real)
+  assert not store_lib.exists(str(path))  # never looks complete
+  with pytest.raises(store_lib.StoreError, match='harvest did not finish'):
+    store_lib.Store(str(path))
   harvest.harvest(mini_config(path), model=lm)
-  for name in sorted(os.listdir(full_path)):
-    if name.startswith('shard_'):
-      assert (path / name).read_bytes() == (full_path / name).read_bytes(), name
+  assert toy.tree_bytes(path) == toy.tree_bytes(full_path)
 
 
-def test_training_from_the_cache_resumes_exactly(harvested, tmp_path):
+def _harvest_cli(path, process_id, num_processes):
+  return subprocess.Popen(
+      [
+          sys.executable,
+          '-m',
+          'launch.harvest',
+          '--config=experiments/smollm2_sweep.py:test',
+          f'--config.data.cache_dir={path}',
+          f'--num_processes={num_processes}',
+          f'--process_id={process_id}',
+      ],
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+  )
+
+
+@pytest.mark.slow
+def test_two_processes_one_killed_and_restarted_equal_one_process(harvested, tmp_path):
+  full_path, _ = harvested
+  path = tmp_path / 'two'
+  first, second = _harvest_cli(path, 0, 2), _harvest_cli(path, 1, 2)
+  # Kill process 1 as soon as its first shard (shard 1) is marked done: it
+  # is then inside shard 3.
+  marker = path / 'shards' / '00001.json'
+  deadline = time.time() + 240
+  while not marker.exists() and second.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  second.send_signal(signal.SIGKILL)
+  second.communicate()
+  out, _ = first.communicate(timeout=240)
+  assert first.returncode == 0, out[-3000:]
+  assert not store_lib.exists(str(path))  # process 1's shards are missing
+  assert 'waits for other processes' in out
+  restarted = _harvest_cli(path, 1, 2)
+  out, _ = restarted.communicate(timeout=240)
+  assert restarted.returncode == 0, out[-3000:]
+  assert 'already done' in out  # shard 1 was kept
+  assert f'{SITE}: 600 activations' in out
+  assert toy.tree_bytes(path) == toy.tree_bytes(
+      full_path
+  )  # arrays, markers and statistics
+
+
+def test_one_lm_pass_writes_each_site_as_a_one_site_harvest_would(
+    harvested, lm, tmp_path, monkeypatch
+):
+  full_path, _ = harvested
+  sites = ('blocks.5.hook_resid_post', 'blocks.15.hook_mlp_out', SITE)
+  c = mini_config(str(tmp_path / 'multi' / '{site}'), sites=sites)
+  calls = []
+  real = lm.activations_at
+  monkeypatch.setattr(
+      lm, 'activations_at', lambda ids, s: calls.append(s) or real(ids, s)
+  )
+  manifests = harvest.harvest(c, model=lm)
+  assert calls == [sites] * 10  # 40 contexts in batches of 4: one pass each
+  monkeypatch.setattr(lm, 'activations_at', real)
+  assert toy.tree_bytes(tmp_path / 'multi' / SITE) == toy.tree_bytes(full_path)
+  for site in sites[:2]:
+    alone = tmp_path / site
+    harvest.harvest(mini_config(alone, site=site), model=lm)
+    assert toy.tree_bytes(tmp_path / 'multi' / site) == toy.tree_bytes(alone), site
+    assert manifests[site]['site'] == site
+  # A training config reads its harvest.site's store from the '{site}' path.
+  c.harvest.site = 'blocks.5.hook_resid_post'
+  assert harvest.train_store(c) == str(tmp_path / 'multi' / 'blocks.5.hook_resid_post')
+
+
+def test_training_from_the_store_resumes_exactly(harvested, tmp_path):
   path, manifest = harvested
   c = mini_config(path)
   straight = train.train_and_evaluate(c, str(tmp_path / 'a'))
@@ -96,12 +171,17 @@ def test_training_from_the_cache_resumes_exactly(harvested, tmp_path):
     )
 
 
-def test_a_cache_of_another_width_is_named_in_the_error(harvested, tmp_path):
+def test_a_store_of_another_width_or_none_is_named_in_the_error(harvested, tmp_path):
   path, _ = harvested
   c = mini_config(path)
   c.sae.d_in = 64
-  with pytest.raises(cache.CacheError, match='manifest.json'):
+  with pytest.raises(store_lib.StoreError, match=f'{path} holds d_in=576'):
     train.train_and_evaluate(c, str(tmp_path / 'run'))
   c = mini_config(tmp_path / 'missing')
   with pytest.raises(FileNotFoundError, match='launch.harvest'):
     train.train_and_evaluate(c, str(tmp_path / 'run2'))
+  bad = mini_config(tmp_path / 'x', sites=('blocks.5.hook_resid_post', SITE))
+  with pytest.raises(
+      ValueError, match=r"config.data.cache_dir: must contain '\{site\}'"
+  ):
+    harvest.harvest(bad)

@@ -151,7 +151,7 @@ def test_harvest_refuses_bad_input_at_once_then_harvests(tmp_path):
   assert not os.path.exists(cache)
   good = _run('launch.harvest', *args)
   assert good.returncode == 0, good.stderr[-3000:]
-  assert 'cache: 64 activations' in good.stdout
+  assert 'blocks.0.hook_resid_post: 64 activations' in good.stdout
   _assert_group_readable(cache)
 
 

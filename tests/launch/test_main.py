@@ -16,7 +16,7 @@ def test_the_pipeline_end_to_end(lm, tmp_path):
   c = smollm2_sweep.get_config('test')
   c.data.cache_dir = str(tmp_path / 'cache')
   workdir = str(tmp_path / 'main')
-  manifest = harvest.harvest(c, model=lm)
+  manifest = harvest.harvest(c, model=lm)[c.harvest.site]
   assert manifest['count'] == c.harvest.num_tokens
   rows = sweep.run(c, workdir)
   assert [r['status'] for r in rows] == ['done'] * 4

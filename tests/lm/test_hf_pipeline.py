@@ -8,7 +8,7 @@ import pytest
 
 from experiments import smollm2_sweep
 from gsae_jax import evaluate
-from gsae_jax.data import cache, harvest
+from gsae_jax.data import harvest, store
 from gsae_jax.evaluate import export
 from gsae_jax.train import sweep
 
@@ -33,11 +33,11 @@ def _config(model_dir, cache_dir):
 def test_harvest_sweep_evaluate_export(family, tmp_path):
   model_dir = os.path.join(FIXTURES, family)
   c = _config(model_dir, tmp_path / "cache")
-  manifest = harvest.harvest(c)
+  manifest = harvest.harvest(c)[SITE]
   assert (manifest["model"], manifest["site"], manifest["d_in"]) == (family, SITE, 64)
   assert manifest["count"] == 600
-  stored = cache.Cache(str(tmp_path / "cache"))
-  assert stored.manifest["count"] == 600
+  stored = store.Store(str(tmp_path / "cache"))
+  assert stored.num_rows == 600
 
   workdir = str(tmp_path / "sweep")
   rows = sweep.run(c, workdir)
@@ -76,7 +76,7 @@ def test_harvest_keeps_a_checkpoint_in_bfloat16_when_asked(tmp_path):
     c.harvest.model_dtype = dtype
     c.harvest.num_tokens = 64
     harvest.harvest(c)
-    stored = cache.Cache(str(tmp_path / dtype))
+    stored = store.Store(str(tmp_path / dtype))
     acts[dtype] = stored.read_range(0, 60)
   a, b = acts["float32"], acts["bfloat16"]
   assert not np.array_equal(a, b)  # the weights really were bfloat16
