@@ -25,6 +25,9 @@ INSTALL_REQUIRES = [
     "tokenizers>=0.20,<1",
     "matplotlib>=3.8,<4",
     "safetensors>=0.4,<1",
+    # The activation store (zarr v3 on local disk, GCS, S3) and its reader.
+    "tensorstore>=0.1.70,<0.2",
+    "grain>=0.2.12,<0.3",
 ]
 
 setuptools.setup(
@@ -37,7 +40,15 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["gsae_jax", "gsae_jax.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8,<10", "ruff>=0.6,<1", "pyink>=24,<27"],
+        "test": [
+            "pytest>=8,<10",
+            "ruff>=0.6,<1",
+            "pyink>=24,<27",
+            # An S3-compatible server on loopback, and plain zarr-python reading
+            # a store, for tests/data.
+            "moto[server]>=5,<6",
+            "zarr>=3,<4",
+        ],
     },
     license="Apache-2.0",
 )

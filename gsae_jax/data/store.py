@@ -482,6 +482,8 @@ class Store:
     group = _read_json(kv, GROUP_META, self.path)
     if group is None:
       n = len(kv.list(ts.KvStore.KeyRange(f'{SHARDS}/', f'{SHARDS}0')).result())
+      if n == 0:
+        raise StoreError(f'activation store {self.path} does not exist; run harvest')
       raise StoreError(
           f'{self.path} is not a complete activation store (no {GROUP_META}; '
           f'{max(n - 1, 0)} shard markers): harvest did not finish; re-run harvest '
