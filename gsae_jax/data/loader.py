@@ -9,16 +9,18 @@ The pipeline (grain's MapDataset / IterDataset):
     .shuffle(seed).repeat()               a global record order, new each epoch
     .batch(k)                             windows of k records (~shuffle_buffer
                                           rows)
-    .map(read window, permute its rows)   the k records read concurrently, rows
-                                          shuffled in memory (seeded per window)
+    .map(read window)                     the k records read concurrently into
+                                          memory; yields the window's row
+                                          permutation (seeded per window)
     [w:]                                  resume at window w ...
     -> iter, prefetch 1 window ahead
     Rebatch(local_batch)                  ... and row offset in it
-    .map(to float32), ThreadPrefetch      batches ready ahead of the step
+    .map(gather, to float32)              one gather per batch from its window
+    ThreadPrefetch                        batches ready ahead of the step
 
-Rows are shuffled in NumPy, a window at a time, not as grain elements: one
-element per activation row would cost grain's per-element overhead
-(microseconds) a million times per window.
+Rows are shuffled by NumPy gathers, not as grain elements: one element per
+activation row would cost grain's per-element overhead (microseconds) a
+million times per window.
 
 A batch is a pure function of (store, seed, shuffle_buffer, batch_size, step,
 process slice). The state saved with a checkpoint is the step (plus the
@@ -29,6 +31,7 @@ and resume yields exactly the batches the uninterrupted run would have.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -149,21 +152,48 @@ class ActivationLoader:
     self._window_ends: list[int] = [0]  # local stream row where window w ends
     self._step = 0
     self._iter: Iterator | None = None
+    self._cancel = threading.Event()
 
   # -- the deterministic stream ---------------------------------------------
 
-  def _read_window(self, window: int, record_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Rows of one window, shuffled (seeded by window index)."""
-    parts = self._records._getitems(record_ids.tolist())
+  def _read_window(
+      self, window: int, record_ids: np.ndarray, data: dict, cancel: threading.Event
+  ) -> dict[str, np.ndarray]:
+    """Reads one window into `data[window]`; returns its shuffled positions.
+
+    The rows stay in record order in memory (one copy); what grain rebatches
+    is the window's permutation (4 bytes a row), and each batch is then one
+    gather from the window: the same work as a bare in-memory gather, where
+    permuting the window itself would copy every row once more.
+    """
+    parts = self.store.read_records(record_ids.tolist(), cancel)
     rows = np.concatenate([self.store.record_rows_of(int(r)) for r in record_ids])
     x = np.concatenate(parts) if len(parts) > 1 else parts[0]  # [W, d_in]
+    data[window] = (rows, x)
     if self.shuffle:
       rng = np.random.default_rng(
           [self.seed, self.process_index, self.process_count, window]
       )
-      perm = rng.permutation(len(rows))
-      rows, x = rows[perm], np.take(x, perm, axis=0)
-    return {'rows': rows, 'x': x}
+      pos = rng.permutation(len(rows))
+    else:
+      pos = np.arange(len(rows))
+    return {'pos': pos, 'window': np.full(len(rows), window, np.int64)}
+
+  def _gather(self, batch: dict[str, np.ndarray], data: dict) -> dict[str, np.ndarray]:
+    """A batch's rows from its window(s), converted; frees passed windows."""
+    windows = batch['window']
+    first, last = int(windows[0]), int(windows[-1])  # ascending in a batch
+    rows, xs = [], []
+    for w in range(first, last + 1):
+      pos = batch['pos'][windows == w] if first != last else batch['pos']
+      window_rows, window_x = data[w]
+      rows.append(window_rows[pos])
+      xs.append(np.take(window_x, pos, axis=0).astype(self.dtype, copy=False))
+    for w in [w for w in list(data) if w < last]:  # no later batch needs them
+      data.pop(w, None)
+    if len(xs) == 1:
+      return {'rows': rows[0], 'x': xs[0]}
+    return {'rows': np.concatenate(rows), 'x': np.concatenate(xs)}
 
   def _window_start(self, step: int) -> tuple[int, int]:
     """(window, row offset in it) where batch `step` begins."""
@@ -177,8 +207,10 @@ class ActivationLoader:
 
   def _pipeline(self, step: int) -> Iterator:
     window, offset = self._window_start(step)
+    cancel = self._cancel = threading.Event()
+    data: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # window -> (rows, x)
     windows = self._window_ids[window:].map_with_index(
-        lambda i, ids: self._read_window(window + i, ids)
+        lambda i, ids: self._read_window(window + i, ids, data, cancel)
     )
     if offset:
       trim = offset
@@ -191,8 +223,7 @@ class ActivationLoader:
     batches = grain.experimental.RebatchIterDataset(
         batches, batch_size=self.local_batch_size
     )
-    dtype = self.dtype
-    batches = batches.map(lambda b: {'rows': b['rows'], 'x': b['x'].astype(dtype)})
+    batches = batches.map(lambda b: self._gather(b, data))
     batches = grain.experimental.ThreadPrefetchIterDataset(
         batches, prefetch_buffer_size=self.prefetch
     )
@@ -273,8 +304,18 @@ class ActivationLoader:
     self._step = int(state['step'])
 
   def close(self) -> None:
-    """Drops the pipeline (its threads stop); a later next() rebuilds it."""
-    self._iter = None
+    """Stops the pipeline's threads (cancelling reads in flight); a later
+    next() rebuilds it."""
+    if self._iter is not None:
+      self._cancel.set()
+      self._iter.close()  # grain closes the whole chain of iterators
+      self._iter = None
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # noqa: BLE001 - interpreter shutdown
+      pass
 
   def __enter__(self) -> ActivationLoader:
     return self

@@ -43,6 +43,7 @@ import dataclasses
 import json
 import os
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -62,6 +63,10 @@ _RERUN = 're-run harvest'
 
 class StoreError(ValueError):
   """A store is missing, incomplete, corrupt, or does not fit the request."""
+
+
+class ReadCancelled(Exception):  # noqa: N818 (a stop, not an error)
+  """Reads abandoned because their reader was closed."""
 
 
 # ---------------------------------------------------------------------------
@@ -553,24 +558,42 @@ class Store:
     """Logical row ids of record `index`, int64."""
     return np.arange(self._logical[index], self._logical[index + 1])
 
-  def _read_physical(self, spans: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-    """Rows [a, b) of the array for each span, read concurrently."""
+  def _read_physical(
+      self, spans: Sequence[tuple[int, int]], cancel: threading.Event | None = None
+  ) -> list[np.ndarray]:
+    """Rows [a, b) of the array for each span, read concurrently.
+
+    Setting `cancel` abandons the reads (raising ReadCancelled) within ~50 ms,
+    so a closed loader's threads never wait on a slow or vanished server.
+    """
     futures = [self.array[a:b].read() for a, b in spans]
     out = []
     for (a, b), future in zip(spans, futures, strict=True):
       try:
+        while cancel is not None:
+          if cancel.is_set():
+            for f in futures:
+              f.cancel()
+            raise ReadCancelled(f'read of {self.path} cancelled')
+          try:
+            future.result(timeout=0.05)
+            break
+          except TimeoutError:
+            continue
         out.append(future.result())
       except ValueError as e:
         raise _chunk_error(self.path, e, (a, b), self.record_rows) from e
     return out
 
-  def read_records(self, indices: Sequence[int]) -> list[np.ndarray]:
+  def read_records(
+      self, indices: Sequence[int], cancel: threading.Event | None = None
+  ) -> list[np.ndarray]:
     """Records by index, [rows_i, d_in] disk dtype each, read concurrently."""
     spans = [
         (int(self.records[i, 0]), int(self.records[i, 0] + self.records[i, 1]))
         for i in indices
     ]
-    return self._read_physical(spans)
+    return self._read_physical(spans, cancel)
 
   def read_range(self, start: int, stop: int) -> np.ndarray:
     """Logical rows [start, stop), float32 [stop - start, d_in]."""
