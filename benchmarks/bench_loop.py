@@ -49,18 +49,30 @@ from experiments import synthetic as synthetic_exp  # noqa: E402
 from gsae_jax import config as config_lib  # noqa: E402
 from gsae_jax import logs, train  # noqa: E402
 from gsae_jax.backends import hostmem  # noqa: E402
-from gsae_jax.data import cache as cache_lib  # noqa: E402
+from gsae_jax.data import store as store_lib  # noqa: E402
 
 SHAPES = {'small': (64, 256, 1024), 'medium': (512, 4096, 4096)}  # d_in, d_sae, batch
 
 
 def _write_cache(path: str, rows: int, d_in: int) -> None:
   block = np.random.default_rng(0).standard_normal((1 << 14, d_in), np.float32)
-  with cache_lib.CacheWriter(
-      path, d_in=d_in, dtype='float16', model='random', site='none'
-  ) as writer:
-    for start in range(0, rows, len(block)):
-      writer.append(block[: min(len(block), rows - start)] * (1 + start % 7))
+  shard_rows = 1 << 18
+  num_shards = -(-rows // shard_rows)
+  layout = store_lib.Layout(
+      d_in=d_in,
+      dtype='float16',
+      record_rows=4096,
+      shard_rows=shard_rows,
+      num_shards=num_shards,
+  )
+  writer = store_lib.StoreWriter(path, layout, model='random', site='none')
+  for shard in range(num_shards):
+    w = writer.shard(shard)
+    first = shard * shard_rows
+    for start in range(first, min(rows, first + shard_rows), len(block)):
+      w.append(block[: min(len(block), rows - start)] * (1 + start % 7))
+    w.finish()
+  writer.finalize()
 
 
 def _config(args, d_in, d_sae, batch, compute_dtype, cache_dir):
