@@ -29,6 +29,8 @@ RESUMABLE_FIELDS = (
     'mesh.',
     'train.on_nonfinite',
     'eval.',
+    'sweep.shared_data_pass',
+    'sweep.memory_budget_gib',
 )
 # Hyperparameters that may differ between the SAEs of one compiled program.
 STACK_FIELDS = (
@@ -365,6 +367,17 @@ def _fields() -> tuple[Field, ...]:
           (),
           'Equal compute per architecture: (architecture, factor) pairs multiplying the swept d_sae (overrides baseline_width_factor).',
       ),
+      F(
+          'sweep.shared_data_pass',
+          'auto',
+          "Groups train together on one read of each batch: 'auto' = as many as the planner says fit sweep.memory_budget_gib together (one at a time if none do), 'on' = all at once, 'off' = one group at a time.",
+          ('auto', 'on', 'off'),
+      ),
+      F(
+          'sweep.memory_budget_gib',
+          0.0,
+          'Memory per device that a shared data pass may plan for (GiB); 0 = 80% of the device memory (of host RAM where the device does not say).',
+      ),
       # The SAEs of one compiled program, set by launch.sweep for a group.
       *(
           F(
@@ -700,6 +713,11 @@ def _validate_sweep(config: ml_collections.ConfigDict) -> None:
         'sweep.width_factors',
         f'entries are (architecture, factor > 0) pairs, got {pair!r}',
     )
+  _require(
+      sweep.memory_budget_gib >= 0,
+      'sweep.memory_budget_gib',
+      f'must be >= 0 (0 = the device memory), got {sweep.memory_budget_gib}',
+  )
   lengths = {name: len(stack[name]) for name in STACK_FIELDS if len(stack[name])}
   _require(
       len(set(lengths.values())) <= 1,

@@ -4,8 +4,10 @@ r"""Trains a grid of SAEs, one compiled program per (architecture, d_sae) group.
       --workdir=runs/sweep [--dry_run] [--group=gated_d512]
   python -m launch.sweep ... --cluster=slurm > sweep.sbatch   # one group per job
 
-Re-running the same command resumes: done groups are skipped, interrupted
-groups resume from their checkpoints.
+Groups whose states fit in memory together train on one pass over the data
+(config.sweep.shared_data_pass; --dry_run says which and why). Re-running the
+same command resumes: done groups are skipped, interrupted groups resume from
+their checkpoints.
 """
 
 import sys

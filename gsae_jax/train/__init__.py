@@ -1,10 +1,17 @@
 """Training: state, compiled step, loop, placement on devices, checkpoints, sweeps.
 
-`train_and_evaluate(config, workdir)` is the entry point; the names below are
+`train_and_evaluate(config, workdir)` is the entry point (`train_together` for
+several runs on one data pass); the names below are
 the parts a caller (launchers, benchmarks, tests) builds with.
 """
 
-from gsae_jax.train.loop import EXIT_RESUME, Preempted, load_metrics, train_and_evaluate
+from gsae_jax.train.loop import (
+    EXIT_RESUME,
+    Preempted,
+    load_metrics,
+    train_and_evaluate,
+    train_together,
+)
 from gsae_jax.train.state import (
     TrainState,
     dead_window_steps,
@@ -37,4 +44,5 @@ __all__ = [
     'seeds_from_config',
     'summary',
     'train_and_evaluate',
+    'train_together',
 ]

@@ -11,6 +11,9 @@ mesh with the default rules (batch -> data, d_sae -> model, stack -> sweep):
                the compute dtype, plus the batch and 2 reconstructions
   flops        14 B d_in d_sae per SAE-step (7 matmuls of 2 B d_in d_sae)
 
+A sweep's shared data pass holds every group's params and Adam moments at
+once, and one group's gradients and activations at a time (shared_pass_bytes).
+
 These are estimates (XLA's buffer assignment may reuse or add buffers); the
 step time is the FLOPs over the chip's peak, a lower bound.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 # Peak dense FLOP/s per chip (bf16 / fp32), from the vendors' datasheets.
 CHIPS = {
@@ -73,6 +77,17 @@ def plan(
       flops_per_step=flops,
       flops_per_device=flops / (dp * mp * sp),
   )
+
+
+def shared_pass_bytes(plans: Sequence[Plan]) -> int:
+  """Peak bytes per device of stacks trained in turn on each batch (a sweep's
+  shared data pass): every stack's params and Adam moments stay resident,
+  while gradients and activations live only during its own step, so the
+  largest of those counts once."""
+  if not plans:
+    return 0
+  resident = sum(p.params + p.adam for p in plans)
+  return resident + max(p.gradients + p.activations for p in plans)
 
 
 def largest_d_sae(

@@ -2,12 +2,15 @@
 
 A grid point sets any of architecture, d_sae, its architecture's sparsity knob
 (l1_coeff for gated and baseline, l0_coeff for jumprelu, k for the TopK
-family), lr, warm-up lengths and seed (config.sweep). Points with the same architecture and d_sae form a group:
-one stacked run (config.stack holds its per-SAE values) trained by one jitted
-step in its own workdir, <sweep>/groups/<name>. The sweep index,
+family), lr, warm-up lengths and seed (config.sweep). Points with the same
+architecture and d_sae form a group: one stacked run (config.stack holds its
+per-SAE values) trained by one jitted step in its own workdir,
+<sweep>/groups/<name>. Groups whose states fit in memory together share one
+pass over the data (config.sweep.shared_data_pass, data_passes): each batch is
+read once and every group's step trains on it. The sweep index,
 <sweep>/sweep.json and sweep.csv, has one row per SAE (its values, group,
 position in the stack, checkpoint directory, status and final metrics), and is
-rewritten atomically after every group, so an interrupted sweep resumes: done
+rewritten atomically after every pass, so an interrupted sweep resumes: done
 groups are skipped, interrupted ones resume from their checkpoints.
 """
 
@@ -128,6 +131,66 @@ def memory_estimate(
   )
 
 
+def memory_budget(config: ml_collections.ConfigDict) -> float:
+  """Bytes per device a shared data pass may plan for (sweep.memory_budget_gib;
+  0 = 80% of what the device reports, or of host RAM where it reports none,
+  as on CPU)."""
+  if config.sweep.memory_budget_gib > 0:
+    return float(config.sweep.memory_budget_gib) * 2**30
+  import jax  # noqa: PLC0415
+
+  stats = jax.local_devices()[0].memory_stats() or {}
+  total = stats.get('bytes_limit') or (
+      os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  )
+  return 0.8 * total
+
+
+def data_passes(
+    config: ml_collections.ConfigDict, groups: list[Group], budget: float | None = None
+) -> tuple[list[list[Group]], str]:
+  """How `groups` share reads of the data, and why.
+
+  Returns passes, each a list of groups trained together on one read of every
+  batch (train.train_together), in order. sweep.shared_data_pass 'on': one
+  pass; 'off': one group per pass; 'auto': one pass if the planner says the
+  groups' states fit the budget together (planner.shared_pass_bytes), else
+  consecutive groups packed into passes while they fit (one group at a time
+  where no two do).
+  """
+  mode = config.sweep.shared_data_pass
+  if mode == 'off':
+    return [[g] for g in groups], 'sweep.shared_data_pass=off: one group at a time'
+  if len(groups) <= 1:
+    return [list(groups)] if groups else [], 'one group to train'
+  if mode == 'on':
+    return [list(groups)], 'sweep.shared_data_pass=on: all groups on one pass'
+  budget = memory_budget(config) if budget is None else budget
+  fmt = planner.format_bytes
+  plans = {g.name: memory_estimate(g.config, g.size) for g in groups}
+  need = lambda gs: planner.shared_pass_bytes([plans[g.name] for g in gs])
+  if need(groups) <= budget:
+    return [list(groups)], (
+        f'auto: the {len(groups)} groups fit together (~{fmt(need(groups))} of '
+        f'a {fmt(budget)} budget per device): one pass'
+    )
+  passes = [[groups[0]]]
+  for g in groups[1:]:
+    if need(passes[-1] + [g]) <= budget:
+      passes[-1].append(g)
+    else:
+      passes.append([g])
+  how = (
+      'one group at a time'
+      if len(passes) == len(groups)
+      else f'{len(passes)} passes of the groups that fit together'
+  )
+  return passes, (
+      f'auto: together the {len(groups)} groups need ~{fmt(need(groups))} per '
+      f'device, over the {fmt(budget)} budget (sweep.memory_budget_gib): {how}'
+  )
+
+
 def describe(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The plan as text: groups, their SAEs and memory, and what is done."""
   groups = plan(config)
@@ -152,6 +215,11 @@ def describe(config: ml_collections.ConfigDict, workdir: str) -> str:
           f'{k}={m[k]}' for k in config_lib.STACK_FIELDS if config.sweep[k]
       )
       lines.append(f'    #{m["index"]}: {varied or "(base values)"}')
+  todo = [g for g in groups if not is_done(g, workdir)]
+  passes, why = data_passes(config, todo)
+  lines.append(f'data passes: {len(passes)} ({why})')
+  for i, members in enumerate(passes):
+    lines.append(f'  pass {i + 1}: {", ".join(g.name for g in members)}')
   return '\n'.join(lines)
 
 
@@ -263,7 +331,9 @@ def run(
 ) -> list[dict]:
   """Trains every group not yet done (or just the groups named in `only`).
 
-  Returns the final sweep index rows.
+  Groups that share a data pass (data_passes) train together, each batch read
+  once; a pass of one group is `train_fn(config, group_workdir)` (default
+  train.train_and_evaluate). Returns the final sweep index rows.
   """
   from gsae_jax import train  # noqa: PLC0415 (train imports this module's users)
 
@@ -277,15 +347,25 @@ def run(
   sources.check_source(config)  # every group reads the same data
   os.makedirs(workdir, exist_ok=True)
   write_index(config, workdir)
+  todo = []
   for g in groups:
     if only and g.name not in only:
       continue
     if is_done(g, workdir):
       logs.info(f'group {g.name}: done, skipped')
       continue
-    logs.info(f'group {g.name}: training {g.size} SAEs in one program')
+    todo.append(g)
+  passes, why = data_passes(config, todo)
+  if todo:
+    logs.info(f'data passes: {len(passes)} ({why})')
+  for members in passes:
+    for g in members:
+      logs.info(f'group {g.name}: training {g.size} SAEs in one program')
     try:
-      train_fn(g.config, group_workdir(workdir, g))
+      if len(members) == 1:
+        train_fn(members[0].config, group_workdir(workdir, members[0]))
+      else:
+        train.train_together([(g.config, group_workdir(workdir, g)) for g in members])
     finally:
       write_index(config, workdir)
   return write_index(config, workdir)

@@ -1,6 +1,8 @@
 """Sweeps: grouping, one program per group, equivalence, resume, load."""
 
+import copy
 import os
+import signal
 import subprocess
 import sys
 
@@ -10,8 +12,9 @@ import pytest
 import gsae_jax
 from experiments import synthetic as synthetic_exp
 from gsae_jax import backends, train
+from gsae_jax.data import sources
 from gsae_jax.sae import models
-from gsae_jax.train import sweep
+from gsae_jax.train import checkpoints, planner, sweep
 
 
 def sweep_config():
@@ -156,3 +159,187 @@ def test_sweep_cli_dry_run_and_cluster_commands(tmp_path):
       args + ['--cluster=slurm'], cwd=root, capture_output=True, text=True, check=True
   ).stdout
   assert '#SBATCH --array=0-1' in out and '--group=' in out
+
+
+class _CountingSource:
+  """Wraps a source, counting reads; `on_read(n)` runs before the n-th batch."""
+
+  def __init__(self, source, log, on_read=None):
+    self.source, self.log, self.on_read = source, log, on_read
+
+  def __getattr__(self, name):
+    return getattr(self.source, name)
+
+  def next_batch(self):
+    self.log['next_batch'] += 1
+    if self.on_read is not None:
+      self.on_read(self.log['next_batch'])
+    return self.source.next_batch()
+
+  def mean_squared_norm(self, num_batches):
+    self.log['mean_squared_norm'] += 1
+    return self.source.mean_squared_norm(num_batches)
+
+
+def _count_reads(monkeypatch, on_read=None):
+  log = {'sources': 0, 'next_batch': 0, 'mean_squared_norm': 0}
+  real = sources.make_source
+
+  def make(config):
+    log['sources'] += 1
+    return _CountingSource(real(config), log, on_read)
+
+  monkeypatch.setattr(sources, 'make_source', make)
+  return log
+
+
+def two_group_config():
+  """gated d_sae 32 and baseline d_sae 48, two SAEs each, with held-out
+  metrics and resampling on."""
+  c = sweep_config()
+  c.sweep.seed = ()
+  c.eval.every_steps = 10
+  c.resample.enabled = True
+  c.resample.every_steps = 10
+  c.checkpoint.every_steps = 5
+  return c
+
+
+def _final_params(group_dir):
+  state, _, step = checkpoints.read(group_dir)
+  return step, state['params']
+
+
+def test_groups_share_one_read_of_each_batch_and_equal_each_group_alone(
+    tmp_path, monkeypatch
+):
+  c = two_group_config()
+  workdir = str(tmp_path / 'sweep')
+  assert 'data passes: 1 (auto: the 2 groups fit together' in sweep.describe(c, workdir)
+  log = _count_reads(monkeypatch)
+  rows = sweep.run(c, workdir)
+  assert [r['status'] for r in rows] == ['done'] * 4
+  # One source, each of the 20 batches read once, E||x||^2 estimated once.
+  assert log == {'sources': 1, 'next_batch': 20, 'mean_squared_norm': 1}
+
+  for g in sweep.plan(c):
+    log.update(sources=0, next_batch=0)
+    alone = str(tmp_path / f'alone_{g.name}')
+    state = train.train_and_evaluate(g.config, alone)
+    assert log['sources'] == 1 and log['next_batch'] == 20
+    step, params = _final_params(sweep.group_workdir(workdir, g))
+    assert step == 20
+    for name, value in state.params.items():
+      np.testing.assert_array_equal(params[name], np.asarray(value), err_msg=name)
+    together = train.load_metrics(sweep.group_workdir(workdir, g))
+    assert together == train.load_metrics(alone)  # every metric, bit for bit
+    logged = {r['step']: r for r in together if 'loss' in r}
+    assert list(logged) == [5, 10, 15, 20]
+    assert 'heldout_fvu' in logged[10] and 'heldout_fvu' not in logged[5]
+    assert [r['step'] for r in together if 'resampled' in r] == [10, 20]
+
+
+def test_an_interrupted_pass_resumes_to_the_uninterrupted_params(tmp_path, monkeypatch):
+  c = two_group_config()
+  straight = str(tmp_path / 'straight')
+  sweep.run(c, straight)
+  workdir = str(tmp_path / 'interrupted')
+  gated_dir = sweep.group_workdir(workdir, 'gated_d32')
+  baseline_dir = sweep.group_workdir(workdir, 'baseline_d48')
+
+  # 1. SIGTERM during batch 7: every group checkpoints step 7, then exit 75.
+  def sigterm_at_7(n):
+    if n == 7:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  log = _count_reads(monkeypatch, sigterm_at_7)
+  with pytest.raises(train.Preempted, match='step 7'):
+    sweep.run(c, workdir)
+  assert log['next_batch'] == 7
+  assert checkpoints.steps(gated_dir)[-1] == checkpoints.steps(baseline_dir)[-1] == 7
+
+  # 2. Killed between the two groups' saves of step 10: gated has it,
+  # baseline does not.
+  class Killed(BaseException):
+    pass
+
+  real_save = checkpoints.Manager.save
+
+  def save(self, step, *args):
+    if step == 10 and 'baseline' in str(self._mngr.directory):
+      raise Killed
+    return real_save(self, step, *args)
+
+  monkeypatch.setattr(checkpoints.Manager, 'save', save)
+  log = _count_reads(monkeypatch)
+  with pytest.raises(Killed):
+    sweep.run(c, workdir)
+  assert log['next_batch'] == 3  # resumed at step 7: batches 8, 9, 10
+  assert checkpoints.steps(gated_dir)[-1] == 10
+  assert checkpoints.steps(baseline_dir)[-1] == 7
+
+  # 3. The pass restarts at baseline's step 7; gated sits out 8..10.
+  monkeypatch.setattr(checkpoints.Manager, 'save', real_save)
+  log = _count_reads(monkeypatch)
+  rows = sweep.run(c, workdir)
+  assert [r['status'] for r in rows] == ['done'] * 4
+  assert log['next_batch'] == 13  # batches 8..20, each read once
+  for g in sweep.plan(c):
+    _, want = _final_params(sweep.group_workdir(straight, g))
+    step, got = _final_params(sweep.group_workdir(workdir, g))
+    assert step == 20
+    for name, value in want.items():
+      np.testing.assert_array_equal(got[name], value, err_msg=f'{g.name} {name}')
+    records = train.load_metrics(sweep.group_workdir(workdir, g))
+    assert records == train.load_metrics(sweep.group_workdir(straight, g))
+
+
+def test_groups_that_do_not_fit_together_train_one_at_a_time(tmp_path, monkeypatch):
+  c = two_group_config()
+  c.sweep.architecture = ('gated', 'baseline', 'topk')
+  c.sweep.k = (4,)
+  c.resample.enabled = False  # the TopK family uses AuxK instead
+  groups = sweep.plan(c)
+  plans = [sweep.memory_estimate(g.config, g.size) for g in groups]
+  pair = planner.shared_pass_bytes(plans[:2])
+  assert pair < sum(p.total for p in plans[:2])  # one group's activations at a time
+  passes, why = sweep.data_passes(c, groups, budget=pair)
+  assert [[g.name for g in p] for p in passes] == [
+      ['gated_d32', 'baseline_d48'],
+      ['topk_d32'],
+  ]
+  assert '2 passes' in why
+  passes, why = sweep.data_passes(c, groups, budget=max(p.total for p in plans))
+  assert [len(p) for p in passes] == [1, 1, 1] and 'one group at a time' in why
+  c.sweep.shared_data_pass = 'on'
+  assert [len(p) for p in sweep.data_passes(c, groups, budget=1)[0]] == [3]
+  c.sweep.shared_data_pass = 'off'
+  assert [len(p) for p in sweep.data_passes(c, groups, budget=1e18)[0]] == [1, 1, 1]
+
+  # A budget too small for two: sweep.run trains each group in turn, alone.
+  c = two_group_config()
+  c.sweep.memory_budget_gib = 1e-5
+  assert 'one group at a time' in sweep.describe(c, str(tmp_path / 's'))
+  trained = []
+
+  def alone(config, group_dir):
+    trained.append(os.path.basename(group_dir))
+
+  def together(runs):
+    raise AssertionError('train_together called though the groups do not fit')
+
+  monkeypatch.setattr(train, 'train_together', together)
+  sweep.run(c, str(tmp_path / 's'), train_fn=alone)
+  assert trained == ['gated_d32', 'baseline_d48']
+
+
+def test_runs_reading_other_data_are_refused_before_anything_is_written(tmp_path):
+  a, b = sweep.plan(two_group_config())
+  other = copy.deepcopy(b.config)
+  other.train.batch_size = 32
+  runs = [(a.config, str(tmp_path / 'a')), (other, str(tmp_path / 'b'))]
+  with pytest.raises(ValueError, match=r'config\.train\.batch_size'):
+    train.train_together(runs)
+  with pytest.raises(ValueError, match='given twice'):
+    train.train_together([(a.config, str(tmp_path / 'a'))] * 2)
+  assert not os.listdir(tmp_path)
