@@ -105,7 +105,9 @@ def _member_config(
 
 def _matches(config: ml_collections.ConfigDict, where: dict) -> bool:
   for name, want in where.items():
-    if name == 'architecture':
+    if name == 'site':
+      have = config.harvest.site
+    elif name == 'architecture':
       have = config.sae.architecture
     elif name == 'd_sae':
       have = config.sae.d_sae
@@ -115,7 +117,7 @@ def _matches(config: ml_collections.ConfigDict, where: dict) -> bool:
     else:
       raise TypeError(
           f'load() got an unknown hyperparameter {name!r}; filter by one of '
-          f'architecture, d_sae, {", ".join(config_lib.STACK_FIELDS)}'
+          f'site, architecture, d_sae, {", ".join(config_lib.STACK_FIELDS)}'
       )
     if isinstance(want, str) or isinstance(have, str):
       if want != have:
@@ -152,8 +154,8 @@ def load(path: str, step: int | None = None, index: int | None = None, **where):
     step: the checkpoint step; None reads the newest complete checkpoint.
     index: which SAE: its position in a stacked run, or its row in a sweep's
       index (sweep.csv).
-    **where: hyperparameter filters, e.g. l1_coeff=3e-4, architecture='gated'
-      (floats match to a relative 1e-6).
+    **where: hyperparameter filters, e.g. l1_coeff=3e-4, architecture='gated',
+      site='blocks.5.hook_resid_post' (floats match to a relative 1e-6).
 
   Returns:
     One SAE when `index` is given, or when the run holds one SAE, or when the

@@ -344,6 +344,12 @@ def _fields() -> tuple[Field, ...]:
       ),
       # A grid of SAEs (launch.sweep): the Cartesian product of the non-empty
       # tuples. Points with the same architecture and d_sae share one program.
+      F(
+          'sweep.site',
+          (),
+          "Grid axis: hook sites; each site's groups read its store (data.cache_dir "
+          "with '{site}'; harvest them in one pass with harvest.sites).",
+      ),
       F('sweep.architecture', (), 'Grid axis: architectures.', models.ARCHITECTURES),
       F(
           'sweep.d_sae',
@@ -666,6 +672,7 @@ def _validate_architecture(config: ml_collections.ConfigDict) -> None:
 def _validate_sweep(config: ml_collections.ConfigDict) -> None:
   sweep, stack = config.sweep, config.stack
   for name in (
+      'site',
       'architecture',
       'd_sae',
       'l1_coeff',
@@ -684,6 +691,21 @@ def _validate_sweep(config: ml_collections.ConfigDict) -> None:
     )
   for v in sweep.d_sae:
     _require(isinstance(v, int) and v > 0, 'sweep.d_sae', f'must be > 0, got {v}')
+  for site in sweep.site:
+    _require(
+        isinstance(site, str)
+        and bool(re.fullmatch(rf'blocks\.\d+\.hook_({"|".join(HOOKS)})', site)),
+        'sweep.site',
+        f'{site!r} is not a hook name like blocks.15.hook_resid_post',
+    )
+  _require(
+      len(sweep.site) <= 1
+      or config.data.source != 'cache'
+      or '{site}' in config.data.cache_dir,
+      'data.cache_dir',
+      f"must contain '{{site}}' for a sweep over {len(sweep.site)} sites, got "
+      f'{config.data.cache_dir!r}',
+  )
   for name, ok, what in (
       ('l1_coeff', lambda v: v >= 0, '>= 0'),
       ('l0_coeff', lambda v: v >= 0, '>= 0'),
@@ -734,7 +756,11 @@ def stack_size(config: ml_collections.ConfigDict) -> int:
 def base_value(config: ml_collections.ConfigDict, name: str) -> Any:
   """The run's own value of grid field `name` (architecture, d_sae or a
   stackable field), read from its home in sae/train/seed."""
-  home = {'architecture': 'sae.architecture', 'd_sae': 'sae.d_sae'}
+  home = {
+      'site': 'harvest.site',
+      'architecture': 'sae.architecture',
+      'd_sae': 'sae.d_sae',
+  }
   return config[home.get(name) or STACK_FIELD_HOME[name]]
 
 

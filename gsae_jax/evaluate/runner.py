@@ -694,7 +694,14 @@ def format_table(results: Sequence[dict]) -> str:
       'dead',
       'dense',
   ]
-  widths = [len(fmt.format(0.0)) for _, fmt in cols]
+  if len({r.get('site') for r in results}) > 1:  # a sweep over sites
+    width = max(len(str(r.get('site'))) for r in results)
+    cols.insert(1, ('site', f'{{:>{width}}}'))
+    heads.insert(1, 'site')
+  widths = [
+      len(fmt.format(0.0)) if name != 'site' else len(fmt.format(''))
+      for name, fmt in cols
+  ]
   lines = [' '.join(h.rjust(w) for h, w in zip(heads, widths, strict=True))]
   for r in results:
     cells = []

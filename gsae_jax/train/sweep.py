@@ -32,13 +32,13 @@ from gsae_jax.sae import models
 from gsae_jax.train import checkpoints, planner
 
 # The grid axes, in the order points are enumerated (the last varies fastest).
-GRID_FIELDS = ('architecture', 'd_sae') + config_lib.STACK_FIELDS
+GRID_FIELDS = ('site', 'architecture', 'd_sae') + config_lib.STACK_FIELDS
 INDEX_JSON, INDEX_CSV = 'sweep.json', 'sweep.csv'
 
 
 @dataclasses.dataclass
 class Group:
-  """SAEs sharing one compiled program: same architecture and d_sae."""
+  """SAEs sharing one compiled program: same site, architecture and d_sae."""
 
   name: str
   config: ml_collections.ConfigDict  # a standalone run config with .stack set
@@ -68,39 +68,56 @@ def expand(config: ml_collections.ConfigDict) -> list[dict]:
   """
   knobs = set(models.SPARSITY_KNOB.values())
   points = []
+  sites = tuple(config.sweep.site) or (config.harvest.site,)
   archs = tuple(config.sweep.architecture) or (config.sae.architecture,)
-  for arch in archs:
+  for site, arch in itertools.product(sites, archs):
     axes = []
-    for n in GRID_FIELDS[1:]:
+    for n in GRID_FIELDS[2:]:
       swept = tuple(config.sweep[n])
       if n in knobs and n != models.SPARSITY_KNOB[arch]:
         swept = ()
       axes.append(swept or (config_lib.base_value(config, n),))
     for values in itertools.product(*axes):
-      point = {'architecture': arch, **dict(zip(GRID_FIELDS[1:], values, strict=True))}
+      point = {'site': site, 'architecture': arch}
+      point.update(zip(GRID_FIELDS[2:], values, strict=True))
       point['d_sae'] = int(round(point['d_sae'] * width_factor(config, arch)))
       point['index'] = len(points)
       points.append(point)
   return points
 
 
+def _site_tag(site: str) -> str:
+  """'blocks.5.hook_resid_post' -> 'L5_resid_post' (a group-name prefix)."""
+  layer, hook = site.removeprefix('blocks.').split('.hook_')
+  return f'L{layer}_{hook}'
+
+
+def site_of(group: Group) -> str:
+  return group.config.harvest.site
+
+
 def plan(config: ml_collections.ConfigDict) -> list[Group]:
   """The sweep's groups, each a run config whose stack holds its SAEs."""
   config_lib.validate(config)
-  by_shape: dict[tuple[str, int], list[dict]] = {}
+  by_shape: dict[tuple[str, str, int], list[dict]] = {}
   for point in expand(config):
-    by_shape.setdefault((point['architecture'], point['d_sae']), []).append(point)
+    key = (point['site'], point['architecture'], point['d_sae'])
+    by_shape.setdefault(key, []).append(point)
+  several_sites = len(tuple(config.sweep.site)) > 1
   groups = []
-  for (arch, d_sae), members in by_shape.items():
+  for (site, arch, d_sae), members in by_shape.items():
     c = copy.deepcopy(config)
     with c.unlocked():
-      c.sae.architecture, c.sae.d_sae = arch, d_sae
-      for name in ('architecture', 'd_sae') + config_lib.STACK_FIELDS:
+      c.harvest.site, c.sae.architecture, c.sae.d_sae = site, arch, d_sae
+      for name in GRID_FIELDS:
         c.sweep[name] = ()
       for name in config_lib.STACK_FIELDS:
         c.stack[name] = tuple(m[name] for m in members)
     config_lib.validate(c)  # e.g. k <= this group's d_sae
-    groups.append(Group(f'{arch}_d{d_sae}', c, members))
+    name = f'{arch}_d{d_sae}'
+    groups.append(
+        Group(f'{_site_tag(site)}_{name}' if several_sites else name, c, members)
+    )
   return groups
 
 
@@ -152,12 +169,29 @@ def data_passes(
   """How `groups` share reads of the data, and why.
 
   Returns passes, each a list of groups trained together on one read of every
-  batch (train.train_together), in order. sweep.shared_data_pass 'on': one
-  pass; 'off': one group per pass; 'auto': one pass if the planner says the
-  groups' states fit the budget together (planner.shared_pass_bytes), else
+  batch (train.train_together), in order. Only groups of one site (one store)
+  can share a pass; within a site, sweep.shared_data_pass 'on': one pass;
+  'off': one group per pass; 'auto': one pass if the planner says the groups'
+  states fit the budget together (planner.shared_pass_bytes), else
   consecutive groups packed into passes while they fit (one group at a time
   where no two do).
   """
+  by_site: dict[str, list[Group]] = {}
+  for g in groups:
+    by_site.setdefault(site_of(g), []).append(g)
+  if len(by_site) <= 1:
+    return _passes_of_one_source(config, groups, budget)
+  passes, reasons = [], []
+  for site, site_groups in by_site.items():
+    p, why = _passes_of_one_source(config, site_groups, budget)
+    passes += p
+    reasons.append(f'{site}: {why}')
+  return passes, '; '.join(reasons)
+
+
+def _passes_of_one_source(
+    config: ml_collections.ConfigDict, groups: list[Group], budget: float | None
+) -> tuple[list[list[Group]], str]:
   mode = config.sweep.shared_data_pass
   if mode == 'off':
     return [[g] for g in groups], 'sweep.shared_data_pass=off: one group at a time'
@@ -344,7 +378,8 @@ def run(
     if name not in names:
       raise ValueError(f'--group {name!r} is not in this sweep; groups: {names}')
   check_sweep_dir(config, workdir)
-  sources.check_source(config)  # every group reads the same data
+  for site in dict.fromkeys(site_of(g) for g in groups):  # each site's store
+    sources.check_source(next(g.config for g in groups if site_of(g) == site))
   os.makedirs(workdir, exist_ok=True)
   write_index(config, workdir)
   todo = []

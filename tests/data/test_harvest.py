@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import toy_store as toy
 
+import gsae_jax
 from experiments import smollm2_sweep
 from gsae_jax import train
 from gsae_jax.data import harvest, text
@@ -185,3 +186,42 @@ def test_a_store_of_another_width_or_none_is_named_in_the_error(harvested, tmp_p
       ValueError, match=r"config.data.cache_dir: must contain '\{site\}'"
   ):
     harvest.harvest(bad)
+
+
+def test_a_sweep_over_sites_trains_each_group_on_its_own_store(lm, tmp_path):
+  from gsae_jax.evaluate import runner
+  from gsae_jax.train import sweep
+
+  sites = ('blocks.5.hook_resid_post', SITE)
+  c = mini_config(str(tmp_path / 'stores' / '{site}'), sites=sites)
+  harvest.harvest(c, model=lm)
+  c.sweep.site = sites
+  c.sweep.architecture, c.sweep.l1_coeff = ('gated',), (0.01,)
+  c.train.num_steps = 4
+  groups = sweep.plan(c)
+  assert [g.name for g in groups] == [
+      'L5_resid_post_gated_d64',
+      'L15_resid_post_gated_d64',
+  ]
+  passes, why = sweep.data_passes(c, groups)
+  assert [[g.name for g in p] for p in passes] == [[g.name] for g in groups]
+  assert 'blocks.5.hook_resid_post: ' in why
+  workdir = str(tmp_path / 'sweep')
+  rows = sweep.run(c, workdir)
+  assert [r['site'] for r in rows] == list(sites) and {r['status'] for r in rows} == {
+      'done'
+  }
+  for site in sites:
+    sae = gsae_jax.load(workdir, site=site)
+    store = store_lib.Store(harvest.store_path(c.data.cache_dir, site))
+    assert sae.config.harvest.site == site
+    np.testing.assert_allclose(
+        sae.norm_scale, np.sqrt(576 / store.mean_sq_norm), rtol=1e-6
+    )
+  table = runner.format_table(
+      [
+          dict(index=i, site=s, architecture='gated', d_sae=32)
+          for i, s in enumerate(sites)
+      ]
+  )
+  assert 'blocks.5.hook_resid_post' in table.splitlines()[1]
