@@ -154,6 +154,8 @@ def test_sweep_cli_dry_run_and_cluster_commands(tmp_path):
   ).stdout
   assert 'sweep of 4 SAEs in 2 group(s)' in out
   assert 'gated_d512: 2 SAEs' in out and 'baseline_d768: 2 SAEs' in out
+  assert 'data passes: 1 (auto: the 2 groups fit together' in out
+  assert 'pass 1: gated_d512, baseline_d768' in out
   assert not os.path.exists(tmp_path / 's')  # a dry run writes nothing
   out = subprocess.run(
       args + ['--cluster=slurm'], cwd=root, capture_output=True, text=True, check=True
