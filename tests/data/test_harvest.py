@@ -128,29 +128,38 @@ def test_two_processes_one_killed_and_restarted_equal_one_process(harvested, tmp
   )  # arrays, markers and statistics
 
 
-def test_one_lm_pass_writes_each_site_as_a_one_site_harvest_would(
-    harvested, lm, tmp_path, monkeypatch
-):
-  full_path, _ = harvested
-  sites = ('blocks.5.hook_resid_post', 'blocks.15.hook_mlp_out', SITE)
-  c = mini_config(str(tmp_path / 'multi' / '{site}'), sites=sites)
+SITES = ('blocks.5.hook_resid_post', 'blocks.15.hook_mlp_out', SITE)
+
+
+@pytest.fixture(scope='module')
+def multi_site(lm, tmp_path_factory):
+  """Three sites harvested in one run: (root of the stores, manifests, LM calls)."""
+  root = tmp_path_factory.mktemp('multi')
   calls = []
   real = lm.activations_at
-  monkeypatch.setattr(
-      lm, 'activations_at', lambda ids, s: calls.append(s) or real(ids, s)
-  )
-  manifests = harvest.harvest(c, model=lm)
-  assert calls == [sites] * 10  # 40 contexts in batches of 4: one pass each
-  monkeypatch.setattr(lm, 'activations_at', real)
-  assert toy.tree_bytes(tmp_path / 'multi' / SITE) == toy.tree_bytes(full_path)
-  for site in sites[:2]:
+  lm.activations_at = lambda ids, s: calls.append(s) or real(ids, s)
+  try:
+    manifests = harvest.harvest(mini_config(root / '{site}', sites=SITES), model=lm)
+  finally:
+    del lm.activations_at  # back to the class's method
+  return root, manifests, calls
+
+
+def test_one_lm_pass_writes_each_site_as_a_one_site_harvest_would(
+    harvested, multi_site, lm, tmp_path
+):
+  full_path, _ = harvested
+  root, manifests, calls = multi_site
+  assert calls == [SITES] * 10  # 40 contexts in batches of 4: one pass each
+  assert toy.tree_bytes(root / SITE) == toy.tree_bytes(full_path)
+  for site in SITES[:2]:
     alone = tmp_path / site
     harvest.harvest(mini_config(alone, site=site), model=lm)
-    assert toy.tree_bytes(tmp_path / 'multi' / site) == toy.tree_bytes(alone), site
+    assert toy.tree_bytes(root / site) == toy.tree_bytes(alone), site
     assert manifests[site]['site'] == site
   # A training config reads its harvest.site's store from the '{site}' path.
-  c.harvest.site = 'blocks.5.hook_resid_post'
-  assert harvest.train_store(c) == str(tmp_path / 'multi' / 'blocks.5.hook_resid_post')
+  c = mini_config(str(root / '{site}'), site='blocks.5.hook_resid_post')
+  assert harvest.train_store(c) == str(root / 'blocks.5.hook_resid_post')
 
 
 def test_training_from_the_store_resumes_exactly(harvested, tmp_path):
@@ -188,13 +197,13 @@ def test_a_store_of_another_width_or_none_is_named_in_the_error(harvested, tmp_p
     harvest.harvest(bad)
 
 
-def test_a_sweep_over_sites_trains_each_group_on_its_own_store(lm, tmp_path):
+def test_a_sweep_over_sites_trains_each_group_on_its_own_store(multi_site, tmp_path):
   from gsae_jax.evaluate import runner
   from gsae_jax.train import sweep
 
+  root, _, _ = multi_site
   sites = ('blocks.5.hook_resid_post', SITE)
-  c = mini_config(str(tmp_path / 'stores' / '{site}'), sites=sites)
-  harvest.harvest(c, model=lm)
+  c = mini_config(str(root / '{site}'))
   c.sweep.site = sites
   c.sweep.architecture, c.sweep.l1_coeff = ('gated',), (0.01,)
   c.train.num_steps = 4
