@@ -53,11 +53,14 @@ class StoreRecords:
     return self.store.num_records
 
   def __getitem__(self, index: int) -> np.ndarray:
-    return self.store.read_records([index])[0]
+    return self.store.read_records([index])
 
   def _getitems(self, indices) -> list[np.ndarray]:
     """Many records at once, read concurrently (grain's batched read)."""
-    return self.store.read_records(list(indices))
+    indices = list(indices)
+    x = self.store.read_records(indices)
+    cuts = np.cumsum([self.store.records[i, 1] for i in indices])[:-1]
+    return np.split(x, cuts)
 
 
 class ActivationLoader:
@@ -166,9 +169,8 @@ class ActivationLoader:
     gather from the window: the same work as a bare in-memory gather, where
     permuting the window itself would copy every row once more.
     """
-    parts = self.store.read_records(record_ids.tolist(), cancel)
+    x = self.store.read_records(record_ids.tolist(), cancel)  # [W, d_in]
     rows = np.concatenate([self.store.record_rows_of(int(r)) for r in record_ids])
-    x = np.concatenate(parts) if len(parts) > 1 else parts[0]  # [W, d_in]
     data[window] = (rows, x)
     if self.shuffle:
       rng = np.random.default_rng(

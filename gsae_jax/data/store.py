@@ -224,10 +224,9 @@ def _array_spec(path: str, layout: Layout | None = None) -> dict[str, Any]:
   return spec
 
 
-def _chunk_error(path: str, e: Exception, rows: tuple[int, int], record_rows: int):
-  """StoreError for a failed chunk read, naming the chunk and the store."""
-  chunk = rows[0] // record_rows
-  rows = (chunk * record_rows, (chunk + 1) * record_rows)
+def _chunk_error(path: str, e: Exception, record_rows: int) -> StoreError:
+  """StoreError for a failed read, naming the chunk (from tensorstore's
+  message, which names its key c/<i>/0) and the store."""
   msg = str(e)
   if msg.startswith('DATA_LOSS'):
     what = 'fails its crc32c checksum (corrupt)'
@@ -235,8 +234,13 @@ def _chunk_error(path: str, e: Exception, rows: tuple[int, int], record_rows: in
     what = 'is missing'
   else:
     what = f'cannot be read ({msg})'
+  match = re.search(r'c/(\d+)/0\b', msg) or re.search(r'chunk \{(\d+), 0\}', msg)
+  if match is None:
+    return StoreError(f'a chunk of activation store {path} {what}; {_RERUN}')
+  chunk = int(match.group(1))
+  rows = (chunk * record_rows, (chunk + 1) * record_rows - 1)
   return StoreError(
-      f'chunk {chunk} (rows {rows[0]}..{rows[1] - 1}, key {ARRAY}/c/{chunk}/0) of '
+      f'chunk {chunk} (rows {rows[0]}..{rows[1]}, key {ARRAY}/c/{chunk}/0) of '
       f'activation store {path} {what}; {_RERUN}'
   )
 
@@ -558,45 +562,45 @@ class Store:
     """Logical row ids of record `index`, int64."""
     return np.arange(self._logical[index], self._logical[index + 1])
 
-  def _read_physical(
+  def _read_spans(
       self, spans: Sequence[tuple[int, int]], cancel: threading.Event | None = None
-  ) -> list[np.ndarray]:
-    """Rows [a, b) of the array for each span, read concurrently.
+  ) -> np.ndarray:
+    """Rows [a, b) of the array for every span, concatenated in order.
 
-    Setting `cancel` abandons the reads (raising ReadCancelled) within ~50 ms,
-    so a closed loader's threads never wait on a slow or vanished server.
+    One tensorstore read of the spans' concatenation (ts.concat): the chunks
+    are fetched and decoded concurrently straight into one output array (one
+    copy; reading the spans apart and concatenating in NumPy measured
+    1.2-1.3x slower, and separate unbatched reads slower still). Setting
+    `cancel` abandons the read (ReadCancelled) within ~50 ms, so a closed
+    loader's threads never wait on a slow or vanished server.
     """
-    # One tensorstore batch: its reads are issued together, which measured
-    # 1.2-1.8x faster than separate reads for a window of 128 chunks.
-    with ts.Batch() as batch:
-      futures = [self.array[a:b].read(batch=batch) for a, b in spans]
-    out = []
-    for (a, b), future in zip(spans, futures, strict=True):
-      try:
-        while cancel is not None:
-          if cancel.is_set():
-            for f in futures:
-              f.cancel()
-            raise ReadCancelled(f'read of {self.path} cancelled')
-          try:
-            future.result(timeout=0.05)
-            break
-          except TimeoutError:
-            continue
-        out.append(future.result())
-      except ValueError as e:
-        raise _chunk_error(self.path, e, (a, b), self.record_rows) from e
-    return out
+    if not spans:
+      return np.zeros((0, self.d_in), self.dtype)
+    views = [self.array[a:b] for a, b in spans]
+    future = (views[0] if len(views) == 1 else ts.concat(views, axis=0)).read()
+    try:
+      while cancel is not None:
+        if cancel.is_set():
+          future.cancel()
+          raise ReadCancelled(f'read of {self.path} cancelled')
+        try:
+          future.result(timeout=0.05)
+          break
+        except TimeoutError:
+          continue
+      return future.result()
+    except ValueError as e:
+      raise _chunk_error(self.path, e, self.record_rows) from e
 
   def read_records(
       self, indices: Sequence[int], cancel: threading.Event | None = None
-  ) -> list[np.ndarray]:
-    """Records by index, [rows_i, d_in] disk dtype each, read concurrently."""
+  ) -> np.ndarray:
+    """Records by index, concatenated: [sum of their rows, d_in] disk dtype."""
     spans = [
         (int(self.records[i, 0]), int(self.records[i, 0] + self.records[i, 1]))
         for i in indices
     ]
-    return self._read_physical(spans, cancel)
+    return self._read_spans(spans, cancel)
 
   def read_range(self, start: int, stop: int) -> np.ndarray:
     """Logical rows [start, stop), float32 [stop - start, d_in]."""
@@ -610,10 +614,7 @@ class Store:
       b = min(stop, int(self._logical[r + 1])) - int(self._logical[r])
       if a < b:
         spans.append((int(self.records[r, 0]) + a, int(self.records[r, 0]) + b))
-    parts = self._read_physical(spans)
-    if not parts:
-      return np.zeros((0, self.d_in), np.float32)
-    return np.concatenate(parts).astype(np.float32)
+    return self._read_spans(spans).astype(np.float32)
 
   def verify(self, threads: int = 8) -> None:
     """Reads every record (checking every chunk's crc32c); raises StoreError."""
