@@ -305,6 +305,12 @@ def _fields() -> tuple[Field, ...]:
           ('zeros', 'mean'),
       ),
       F(
+          'train.w_enc_init',
+          'transpose',
+          'W_enc starts as W_dec^T ([T §2.4]; docs/recipes.md) or as independent random unit columns.',
+          ('transpose', 'random'),
+      ),
+      F(
           'train.dead_window_tokens',
           10_000_000,
           'A latent silent for this many tokens is dead.',
