@@ -42,6 +42,11 @@ def measure_sweep(workdir: str) -> list[dict]:
   source = synthetic.SyntheticSource(config.synthetic, config.sae.d_in, HELDOUT_ROWS)
   x = np.asarray(source.heldout_batch())  # raw units, never a training batch
   var = np.sum(np.square(x - x.mean(axis=0)))
+  # Chance: the recovery of a random decoder of the same size (no training).
+  random_decoder = np.random.default_rng(0).normal(
+      size=(config.sae.d_sae, config.sae.d_in)
+  )
+  chance = synthetic.mean_max_cosine(source.dictionary, random_decoder)
   rows, groups = [], {}
   for row in doc['rows']:
     if row['status'] != 'done':
@@ -70,6 +75,7 @@ def measure_sweep(workdir: str) -> list[dict]:
             'fvu': float(np.sum(np.square(x - x_hat)) / var),
             'gamma': float(np.sum(np.square(x_hat)) / np.sum(x * x_hat)),
             'dead': float(np.mean(np.all(f <= 0, axis=0))),
+            'chance': chance,
         }
     )
   return rows
@@ -90,6 +96,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     s = {k: members[0][k] for k in ('sweep', 'architecture', 'knob', 'knob_value')}
     s.update({k: members[0][k] for k in VARIED + ('batch_size',)})
     s['seeds'] = len(members)
+    s['chance'] = members[0]['chance']
     for k in ('recovery', 'l0', 'fvu', 'gamma', 'dead'):
       s[k] = float(np.mean([m[k] for m in members]))
     s['recovery_spread'] = float(max(rec) - min(rec))
@@ -100,8 +107,12 @@ def summarise(rows: list[dict]) -> list[dict]:
 def table(summary: list[dict]) -> str:
   lines = []
   for name in sorted({s['sweep'] for s in summary}):
+    first = next(s for s in summary if s['sweep'] == name)
     lines += [
         f'### {name}',
+        '',
+        f'Chance (an untrained random decoder of the same size): '
+        f'{first["chance"]:.3f}.',
         '',
         '| arch | knob | lr | lr warm-up | sparsity warm-up | batch | seeds '
         '| recovery (spread) | L0 | FVU | gamma | dead |',
@@ -116,6 +127,48 @@ def table(summary: list[dict]) -> str:
           f'({s["recovery_spread"]:.3f}) | {s["l0"]:.1f} | {s["fvu"]:.3f} '
           f'| {s["gamma"]:.3f} | {s["dead"]:.2f} |'
       )
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def best(summary: list[dict], name: str, arch: str) -> dict | None:
+  """The setting of `arch` in sweep `name` with the highest mean recovery."""
+  rows = [s for s in summary if s['sweep'] == name and s['architecture'] == arch]
+  return max(rows, key=lambda s: s['recovery']) if rows else None
+
+
+def headline(rows: list[dict], summary: list[dict]) -> str:
+  """Old vs new recipe at each architecture's best sparsity, per difficulty."""
+  sweeps = {s['sweep'] for s in summary}
+  lines = []
+  for difficulty in sorted({n.split('-', 1)[1] for n in sweeps if '-' in n}):
+    old, new = f'old-{difficulty}', f'new-{difficulty}'
+    if old not in sweeps or new not in sweeps:
+      continue
+    lines += [
+        f'### Best sparsity, old vs new recipe: {difficulty}',
+        '',
+        '| arch | old: knob | recovery (min..max over seeds) | L0 | FVU | gamma '
+        '| new: knob | recovery (min..max over seeds) | L0 | FVU | gamma |',
+        '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+    ]
+    for arch in models.ARCHITECTURES:
+      cells = []
+      for name in (old, new):
+        b = best(summary, name, arch)
+        if b is None:
+          cells.append('| - ' * 5)
+          continue
+        rec = [
+            r['recovery']
+            for r in rows
+            if r['sweep'] == name and _setting(r) == _setting(b)
+        ]
+        cells.append(
+            f'| {b["knob_value"]:g} | {b["recovery"]:.3f} ({min(rec):.3f}..'
+            f'{max(rec):.3f}) | {b["l0"]:.1f} | {b["fvu"]:.3f} | {b["gamma"]:.3f} '
+        )
+      lines.append(f'| {arch} ' + ''.join(cells) + '|')
     lines.append('')
   return '\n'.join(lines)
 
@@ -163,7 +216,7 @@ def main():
     json.dump(rows, f, indent=1)
   summary = summarise(rows)
   with open(os.path.join(args.out, 'tables.md'), 'w') as f:
-    f.write(table(summary))
+    f.write(headline(rows, summary) + '\n' + table(summary))
   for group in filter(None, args.plots.split(';')):
     names = group.split(',')
     plot(summary, names, os.path.join(args.out, f'recovery_vs_l0_{names[0]}.png'))
