@@ -3,35 +3,36 @@ r"""The recipe study: which training defaults recover a known dictionary.
 Synthetic activations (gsae_jax/data/synthetic.py) in d_in 32 with a known
 dictionary of 4, 8 or 16 x d_in features (128, 256, 512; ~5 active per
 example, magnitudes U(0.5, 1.5)), independent or correlated (copula 0.5 in
-groups of 4), and SAEs of d_sae = features (every latent must find one). Each question is ONE sweep:
-all six architectures, each a stack of SAEs in one compiled program over its
-own sparsity knob and the knob in question. Results, and what each knob does:
-docs/recipes.md.
+groups of 4), and SAEs of d_sae = features (every latent must find one).
+Each question is ONE sweep: every architecture it concerns, each a stack of
+SAEs in one compiled program over its own sparsity knob and the knob in
+question. Results, and what each knob does: docs/recipes.md.
 
-The config argument is QUESTION-DIFFICULTY, e.g. `warmup-f16c`: difficulty
+The config argument is QUESTION-DIFFICULTY, e.g. `warmup-f8c`: difficulty
 f4, f8 or f16 (features / d_in), with a trailing c for correlated features.
 Questions ("old" is experiments/synthetic.py's schedule as shipped before this
 study: lr 4e-3 after a 7% lr warm-up, no sparsity warm-up, constant lr, no
-resampling, W_enc = W_dec^T; "new" is the recipe the study chose, now the
-defaults):
+resampling, W_enc = W_dec^T; "new" is the recipe the study found best: lr
+1e-2, no lr warm-up, the sparsity coefficient warmed up over a quarter):
 
-  old, new   the two recipes at 3 sparsities x 3 seeds (the headline)
+  old, new   the two recipes at 3 sparsities (x 3 seeds at f16c: the headline)
   warmup     sparsity warm-up over 0, 10, 25, 50% of training (old otherwise)
   lr         lr 1e-3, 4e-3, 1e-2, each with an lr warm-up of 0 or 7%
   decay      old, with the lr decaying linearly to 0 over the last 20%
   resample   old, with dead-latent resampling [P App. D] (L1 family, JumpReLU)
-  init       old, with W_enc independent of W_dec
-  batch256, batch2048   old at those batch sizes, the same tokens (middle
+  init       old, with W_enc independent of W_dec (train.w_enc_init)
+  batch256, batch2048   old at those batch sizes, the same examples (middle
              sparsity)
 
-Every command (one core of a 2-core machine; times in docs/recipes.md):
-  for q in old-f16c new-f16c warmup-f16c lr-f16c decay-f16c resample-f16c \
-      init-f16c batch256-f16c batch4096-f16c old-f4 new-f4 old-f4c new-f4c \
-      old-f8 new-f8 old-f8c new-f8c old-f16 new-f16; do
+The commands of docs/recipes.md (one pinned core; ~70 min in all there):
+  for q in old-f16c new-f16c lr-f8c warmup-f8c decay-f8c init-f8c \
+      resample-f8c batch256-f8c batch2048-f8c old-f8c new-f8c; do
     taskset -c 1 python -m launch.sweep --config=experiments/recipes.py:$q \
         --workdir=runs/recipes/$q
   done
-  python -m benchmarks.recipes --runs=runs/recipes --out=docs/recipes
+  python -m benchmarks.recipes --runs=runs/recipes --out=docs/recipes \
+      --plots='old-f16c,new-f16c;old-f8c,new-f8c'
+The other difficulties (e.g. old-f4 new-f4 old-f16 new-f16) run the same way.
 """
 
 import ml_collections
