@@ -26,6 +26,7 @@ def get_config(arg: str = ''):
   c.train.num_steps = 2000
   c.train.lr = 1e-3
   c.train.lr_warmup_steps = 100
+  c.train.l1_warmup_steps = 500  # a quarter of training (docs/recipes.md)
   c.train.b_dec_init = 'mean'
   c.train.dead_window_tokens = 500_000
   c.log.every_steps = 100
@@ -39,6 +40,7 @@ def get_config(arg: str = ''):
     c.sae.d_sae = 1024
     c.train.batch_size = 256
     c.train.num_steps = 100
+    c.train.l1_warmup_steps = 25
     c.log.every_steps = 25
     c.checkpoint.every_steps = 50
   elif arg:

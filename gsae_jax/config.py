@@ -299,7 +299,9 @@ def _fields() -> tuple[Field, ...]:
       F(
           'train.l1_warmup_steps',
           0,
-          'Linear warm-up of the sparsity coefficient (l1_coeff or l0_coeff) from 0.',
+          'Linear warm-up of the sparsity coefficient (l1_coeff or l0_coeff) from 0. '
+          'Gated and baseline SAEs recover more of a known dictionary with a quarter '
+          'of train.num_steps, JumpReLU less (docs/recipes.md): the experiment configs set it.',
       ),
       F(
           'train.normalize_activations',
@@ -316,6 +318,12 @@ def _fields() -> tuple[Field, ...]:
           'zeros',
           'b_dec starts at 0 (the paper) or at the data mean (better for LM activations).',
           ('zeros', 'mean'),
+      ),
+      F(
+          'train.w_enc_init',
+          'transpose',
+          'W_enc starts as W_dec^T ([T §2.4]; docs/recipes.md) or as independent random unit columns.',
+          ('transpose', 'random'),
       ),
       F(
           'train.dead_window_tokens',

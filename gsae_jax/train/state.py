@@ -64,6 +64,8 @@ def init_state(
   spec = models.SAESpec.for_run(config)
   keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds, jnp.uint32))
   params = jax.vmap(functools.partial(models.init_params, spec))(keys)
+  if config.train.w_enc_init == 'random':
+    params['W_enc'] = jax.vmap(functools.partial(_random_encoder, spec))(keys)
   opt_state = jax.vmap(optim.adam(config).init)(params)
   n_sae = keys.shape[0]
   return TrainState(
@@ -78,6 +80,13 @@ def init_state(
       bad_step=jnp.full((n_sae,), -1, jnp.int32),
       bad_input_step=jnp.full((), -1, jnp.int32),
   )
+
+
+def _random_encoder(spec: models.SAESpec, key: jax.Array) -> jax.Array:
+  """W_enc [d_in, d_sae] with random unit columns drawn apart from W_dec's."""
+  key = jax.random.fold_in(key, 2)  # not the decoder's key (models.init_params)
+  w = jax.random.normal(key, (spec.d_in, spec.d_sae), jnp.float32)
+  return w / jnp.linalg.norm(w, axis=0, keepdims=True)
 
 
 def dead_window_steps(config: ml_collections.ConfigDict) -> int:
