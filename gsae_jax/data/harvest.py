@@ -223,7 +223,9 @@ def _harvest_shards(model, h, mine, writers, per_shard, num_contexts) -> None:
       rows_done += n * (int(h.context_len) - 1)
       progress.update(rows_done)
     for site, w in shard_writers.items():
-      w.finish(contexts=len(block), dropped=dropped[site])
+      w.finish(
+          first_context=shard * per_shard, contexts=len(block), dropped=dropped[site]
+      )
     if len(block) < per_shard and shard * per_shard + len(block) < num_contexts:
       logs.info(
           f'the text ran out in shard {shard} after {shard * per_shard + len(block):,} '

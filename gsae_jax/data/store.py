@@ -444,8 +444,23 @@ class StoreWriter:
         'dtype': self.layout.dtype,
         'count': count,
         'layout': self.layout.to_json(),
+        # Each shard's array rows and, for a harvest, its contexts [first, end)
+        # in the text stream (token provenance).
         'shards': [
-            {'start': self.layout.shard_start(i), 'rows': int(m['rows'])}
+            {
+                'start': self.layout.shard_start(i),
+                'rows': int(m['rows']),
+                **(
+                    {
+                        'contexts': [
+                            m['first_context'],
+                            m['first_context'] + m['contexts'],
+                        ]
+                    }
+                    if 'first_context' in m
+                    else {}
+                ),
+            }
             for i, m in enumerate(markers)
         ],
         'stats': {

@@ -48,6 +48,9 @@ def test_harvest_writes_the_lm_activations_without_position_0(harvested, lm):
   assert manifest['d_in'] == lm.d_model == 576
   assert manifest['site'] == SITE
   assert [s['rows'] for s in manifest['shards']] == [120] * 5  # 8 contexts each
+  assert [s['contexts'] for s in manifest['shards']] == [
+      [8 * i, 8 * i + 8] for i in range(5)
+  ]
   # The first context, run directly: the store holds positions 1..15.
   docs = text.iter_documents(split='train')
   first = next(text.iter_contexts(docs, lm, 16))
