@@ -1,9 +1,6 @@
 """Harvest from the real LM into stores, in one or many processes, and training from them."""
 
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -16,7 +13,6 @@ from gsae_jax import train
 from gsae_jax.data import harvest, text
 from gsae_jax.data import store as store_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SITE = 'blocks.15.hook_resid_post'
 
 
@@ -87,20 +83,11 @@ def test_interrupted_harvest_resumes_to_the_same_bytes(
 
 
 def _harvest_cli(path, process_id, num_processes):
-  return subprocess.Popen(
-      [
-          sys.executable,
-          '-m',
-          'launch.harvest',
-          '--config=experiments/smollm2_sweep.py:test',
-          f'--config.data.cache_dir={path}',
-          f'--num_processes={num_processes}',
-          f'--process_id={process_id}',
-      ],
-      cwd=ROOT,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
+  return toy.start_cli(
+      'launch.harvest',
+      f'--config.data.cache_dir={path}',
+      f'--num_processes={num_processes}',
+      f'--process_id={process_id}',
   )
 
 

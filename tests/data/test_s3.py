@@ -7,8 +7,6 @@ endpoint and credentials come from the AWS_* environment, as for any AWS tool.
 import logging
 import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,7 +19,6 @@ from gsae_jax.data import harvest
 from gsae_jax.data import store as store_lib
 from gsae_jax.train import checkpoints
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUCKET = 'acts'
 
 
@@ -90,25 +87,15 @@ def test_a_deleted_or_corrupt_chunk_on_s3_is_named(s3, acts):
 
 
 def _train_cli(workdir, cache, steps):
-  return subprocess.Popen(
-      [
-          sys.executable,
-          '-m',
-          'launch.train',
-          '--config=experiments/smollm2_sweep.py:test',
-          '--config.sweep.architecture=()',
-          '--config.sweep.l1_coeff=()',
-          f'--config.data.cache_dir={cache}',
-          f'--config.train.num_steps={steps}',
-          '--config.checkpoint.every_steps=10',
-          '--config.checkpoint.async_save=False',
-          f'--workdir={workdir}',
-      ],
-      cwd=ROOT,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-      env=dict(os.environ),
+  return toy.start_cli(  # inherits the AWS_* environment the fixture set
+      'launch.train',
+      '--config.sweep.architecture=()',
+      '--config.sweep.l1_coeff=()',
+      f'--config.data.cache_dir={cache}',
+      f'--config.train.num_steps={steps}',
+      '--config.checkpoint.every_steps=10',
+      '--config.checkpoint.async_save=False',
+      f'--workdir={workdir}',
   )
 
 

@@ -1,6 +1,8 @@
 """A toy activation store for the store and loader tests: rows that name themselves."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -64,3 +66,23 @@ def tree_bytes(root) -> dict[str, bytes]:
       with open(full, 'rb') as f:
         out[os.path.relpath(full, root)] = f.read()
   return out
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def start_cli(module: str, *flags: str) -> subprocess.Popen:
+  """`python -m <module>` on the main job's miniature config, output piped."""
+  return subprocess.Popen(
+      [
+          sys.executable,
+          '-m',
+          module,
+          '--config=experiments/smollm2_sweep.py:test',
+          *flags,
+      ],
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+  )
