@@ -173,7 +173,7 @@ def harvest(
       for shard in range(process_index, num_shards, process_count)
   }
   mine = {shard: ss for shard, ss in mine.items() if ss}
-  resumed = sum(1 for s in range(process_index, num_shards, process_count)) - len(mine)
+  resumed = len(range(process_index, num_shards, process_count)) - len(mine)
   logs.info(
       f'harvest: {len(mine)} of {num_shards} shards for process {process_index}/'
       f'{process_count} ({per_shard} contexts each)'

@@ -143,7 +143,6 @@ class ActivationLoader:
     self.records_per_window = int(
         min(max(1, shuffle_buffer // self.store.record_rows), len(local))
     )
-    self._records = StoreRecords(self.store)
 
     ids = grain.MapDataset.range(n_records)[process_index::process_count]
     if self.shuffle:

@@ -643,11 +643,6 @@ class Store:
       )
 
 
-def open_store(path: str, *, d_in: int | None = None) -> Store:
-  """Opens a complete store for random access (see Store)."""
-  return Store(path, d_in=d_in)
-
-
 def exists(path: str) -> bool:
   """Whether `path` holds a complete store."""
   try:
