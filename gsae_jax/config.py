@@ -8,6 +8,7 @@ compiled or written, naming the field.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -40,6 +41,7 @@ STACK_FIELDS = (
     'lr',
     'lr_warmup_steps',
     'l1_warmup_steps',
+    'l0_warmup_steps',
     'seed',
 )
 # Where each stackable field lives in the config.
@@ -50,6 +52,7 @@ STACK_FIELD_HOME = {
     'lr': 'train.lr',
     'lr_warmup_steps': 'train.lr_warmup_steps',
     'l1_warmup_steps': 'train.l1_warmup_steps',
+    'l0_warmup_steps': 'train.l0_warmup_steps',
     'seed': 'seed',
 }
 DATA_SOURCES = ('synthetic', 'cache')
@@ -299,9 +302,15 @@ def _fields() -> tuple[Field, ...]:
       F(
           'train.l1_warmup_steps',
           0,
-          'Linear warm-up of the sparsity coefficient (l1_coeff or l0_coeff) from 0. '
-          'Gated and baseline SAEs recover more of a known dictionary with a quarter '
-          'of train.num_steps, JumpReLU less (docs/recipes.md): the experiment configs set it.',
+          'Linear warm-up of the L1 coefficient (gated, baseline) from 0. On known '
+          'dictionaries a quarter of train.num_steps recovers more (docs/recipes.md); '
+          'the experiment configs set it, since the right length depends on num_steps.',
+      ),
+      F(
+          'train.l0_warmup_steps',
+          0,
+          "Linear warm-up of JumpReLU's L0 coefficient from 0. Keep 0: with a warm-up "
+          'the learned thresholds fall and do not recover (docs/recipes.md).',
       ),
       F(
           'train.normalize_activations',
@@ -369,7 +378,12 @@ def _fields() -> tuple[Field, ...]:
       F('sweep.k', (), 'Grid axis: k (topk, batchtopk, matryoshka_batchtopk).'),
       F('sweep.lr', (), 'Grid axis: learning rates.'),
       F('sweep.lr_warmup_steps', (), 'Grid axis: lr warm-up lengths.'),
-      F('sweep.l1_warmup_steps', (), 'Grid axis: sparsity warm-up lengths.'),
+      F(
+          'sweep.l1_warmup_steps',
+          (),
+          'Grid axis: L1 warm-up lengths (gated, baseline).',
+      ),
+      F('sweep.l0_warmup_steps', (), 'Grid axis: L0 warm-up lengths (jumprelu).'),
       F('sweep.seed', (), 'Grid axis: seeds.'),
       F(
           'sweep.baseline_width_factor',
@@ -530,7 +544,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ('batch_size', 'num_steps', 'norm_estimate_batches'):
     v = train[field]
     _require(v > 0, f'train.{field}', f'must be > 0, got {v}')
-  for field in ('lr_warmup_steps', 'l1_warmup_steps', 'dead_window_tokens'):
+  for field in (
+      'lr_warmup_steps',
+      'l1_warmup_steps',
+      'l0_warmup_steps',
+      'dead_window_tokens',
+  ):
     v = train[field]
     _require(v >= 0, f'train.{field}', f'must be >= 0, got {v}')
   _require(0 <= train.adam_b1 < 1, 'train.adam_b1', 'must be in [0, 1)')
@@ -690,6 +709,7 @@ def _validate_sweep(config: ml_collections.ConfigDict) -> None:
       'lr',
       'lr_warmup_steps',
       'l1_warmup_steps',
+      'l0_warmup_steps',
       'seed',
   ):
     _require(
@@ -721,6 +741,7 @@ def _validate_sweep(config: ml_collections.ConfigDict) -> None:
       ('lr', lambda v: v > 0, '> 0'),
       ('lr_warmup_steps', lambda v: v >= 0, '>= 0'),
       ('l1_warmup_steps', lambda v: v >= 0, '>= 0'),
+      ('l0_warmup_steps', lambda v: v >= 0, '>= 0'),
       ('seed', lambda v: isinstance(v, int) and v >= 0, 'an int >= 0'),
   ):
     for v in tuple(sweep[name]) + tuple(stack[name]):
@@ -801,6 +822,16 @@ def with_defaults(stored: dict) -> ml_collections.ConfigDict:
   """A stored config (dict) over today's defaults: fields added since it was
   written get their default values, so old checkpoints keep loading."""
   base = default_config().to_dict()
+  stored = copy.deepcopy(stored)
+  # Before train.l0_warmup_steps existed, train.l1_warmup_steps also warmed up
+  # JumpReLU's L0 coefficient: a stored JumpReLU run keeps its schedule.
+  archs = set(stored.get('sweep', {}).get('architecture', ()))
+  archs.add(stored.get('sae', {}).get('architecture'))
+  if 'jumprelu' in archs and 'l0_warmup_steps' not in stored.get('train', {}):
+    for section in ('train', 'stack', 'sweep'):
+      fields = stored.get(section, {})
+      if 'l1_warmup_steps' in fields:
+        fields['l0_warmup_steps'] = fields['l1_warmup_steps']
 
   def merge(into: dict, new: dict) -> dict:
     for k, v in new.items():

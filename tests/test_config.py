@@ -79,3 +79,19 @@ def test_config_round_trips_through_json():
   back = config_lib.from_json(config_lib.to_json(c))
   assert config_lib.incompatible_fields(c, back) == []
   assert json.loads(config_lib.to_json(back)) == json.loads(config_lib.to_json(c))
+
+
+def test_a_stored_jumprelu_run_keeps_its_sparsity_warm_up():
+  # Before train.l0_warmup_steps, train.l1_warmup_steps also warmed up
+  # JumpReLU's L0 coefficient: a stored run must keep that schedule.
+  old = synthetic.get_config('test').to_dict()
+  for section in ('train', 'stack', 'sweep'):
+    del old[section]['l0_warmup_steps']
+  old['train']['l1_warmup_steps'] = 40
+  old['stack']['l1_warmup_steps'] = [40, 60]
+  for arch, expected in (('jumprelu', 40), ('gated', 0)):
+    old['sae']['architecture'] = arch
+    c = config_lib.with_defaults(old)
+    assert c.train.l0_warmup_steps == expected
+    assert c.stack.l0_warmup_steps == ((40, 60) if arch == 'jumprelu' else ())
+    assert c.train.l1_warmup_steps == 40

@@ -72,6 +72,13 @@ SPARSITY_KNOB = {
     'batchtopk': 'k',
     'matryoshka_batchtopk': 'k',
 }
+# The warm-up of each penalised architecture's sparsity coefficient: the config
+# field (train.*, sweep.*) that sets its length. The TopK family has none.
+SPARSITY_WARMUP = {
+    'gated': 'l1_warmup_steps',
+    'baseline': 'l1_warmup_steps',
+    'jumprelu': 'l0_warmup_steps',
+}
 # 'l1': the paper's penalty on unit-norm decoder rows, decoder frozen in L_aux.
 # 'decoder_norm': penalty weighted by ||W_dec,i||, rows unconstrained, decoder
 #   unfrozen in L_aux (freezing it in only one of the two places is worse).

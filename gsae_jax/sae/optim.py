@@ -28,6 +28,9 @@ class HParams:
   k: jax.Array  # int32: active latents per example (TopK family)
   lr: jax.Array
   lr_warmup_steps: jax.Array
+  # Warm-up of the sparsity coefficient: train.l1_warmup_steps, or
+  # train.l0_warmup_steps for jumprelu (named before the split; checkpoints
+  # store it under this name).
   l1_warmup_steps: jax.Array
 
 

@@ -45,7 +45,11 @@ def hparams_from_config(config: ml_collections.ConfigDict) -> optim.HParams:
       k=jnp.asarray(config_lib.stack_values(config, 'k'), jnp.int32),
       lr=f32('lr'),
       lr_warmup_steps=f32('lr_warmup_steps'),
-      l1_warmup_steps=f32('l1_warmup_steps'),
+      # The warm-up of this architecture's own coefficient (L1, or L0 for
+      # jumprelu). The field keeps its first name so checkpoints still load.
+      l1_warmup_steps=f32(
+          models.SPARSITY_WARMUP.get(config.sae.architecture, 'l1_warmup_steps')
+      ),
   )
 
 

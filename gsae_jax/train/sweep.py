@@ -2,7 +2,8 @@
 
 A grid point sets any of architecture, d_sae, its architecture's sparsity knob
 (l1_coeff for gated and baseline, l0_coeff for jumprelu, k for the TopK
-family), lr, warm-up lengths and seed (config.sweep). Points with the same
+family), lr, warm-up lengths (the sparsity warm-up too is per architecture:
+l1_warmup_steps or l0_warmup_steps) and seed (config.sweep). Points with the same
 architecture and d_sae form a group: one stacked run (config.stack holds its
 per-SAE values) trained by one jitted step in its own workdir,
 <sweep>/groups/<name>. Groups whose states fit in memory together share one
@@ -63,10 +64,16 @@ def expand(config: ml_collections.ConfigDict) -> list[dict]:
   """The grid points: one dict of GRID_FIELDS values per SAE, in index order.
 
   For each architecture, the Cartesian product of the non-empty axes, where
-  only that architecture's own sparsity knob (models.SPARSITY_KNOB) is
-  swept; the others keep their base values.
+  of the sparsity knobs and their warm-ups only that architecture's own
+  (models.SPARSITY_KNOB, models.SPARSITY_WARMUP) are swept; the others keep
+  their base values.
   """
-  knobs = set(models.SPARSITY_KNOB.values())
+  # Fields that belong to some architectures only: the sparsity knobs and
+  # their warm-ups; another architecture keeps their base values.
+  owners: dict[str, set[str]] = {}
+  for table in (models.SPARSITY_KNOB, models.SPARSITY_WARMUP):
+    for arch, field in table.items():
+      owners.setdefault(field, set()).add(arch)
   points = []
   sites = tuple(config.sweep.site) or (config.harvest.site,)
   archs = tuple(config.sweep.architecture) or (config.sae.architecture,)
@@ -74,7 +81,7 @@ def expand(config: ml_collections.ConfigDict) -> list[dict]:
     axes = []
     for n in GRID_FIELDS[2:]:
       swept = tuple(config.sweep[n])
-      if n in knobs and n != models.SPARSITY_KNOB[arch]:
+      if n in owners and arch not in owners[n]:
         swept = ()
       axes.append(swept or (config_lib.base_value(config, n),))
     for values in itertools.product(*axes):

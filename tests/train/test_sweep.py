@@ -63,6 +63,28 @@ def test_each_architecture_sweeps_its_own_sparsity_knob_at_its_own_width():
     sweep.plan(c)
 
 
+def test_each_penalised_architecture_warms_up_its_own_coefficient():
+  c = sweep_config()
+  c.sweep.architecture = ('gated', 'jumprelu', 'topk')
+  c.sweep.l1_coeff, c.sweep.l0_coeff, c.sweep.k, c.sweep.seed = (), (), (), ()
+  c.sweep.l1_warmup_steps, c.sweep.l0_warmup_steps = (0, 5), (0, 3, 7)
+  groups = sweep.plan(c)
+  # The L1 warm-up is gated's axis, the L0 warm-up jumprelu's, neither topk's.
+  assert [(g.name, g.size) for g in groups] == [
+      ('gated_d32', 2),
+      ('jumprelu_d32', 3),
+      ('topk_d32', 1),
+  ]
+  gated, jumprelu, topk = (g.config for g in groups)
+  assert gated.stack.l1_warmup_steps == (0, 5)
+  assert jumprelu.stack.l0_warmup_steps == (0, 3, 7)
+  # Each stack's HParams carry the warm-up of its own coefficient.
+  warmup = lambda config: train.hparams_from_config(config).l1_warmup_steps.tolist()
+  assert warmup(gated) == [0, 5]
+  assert warmup(jumprelu) == [0, 3, 7]
+  assert warmup(topk) == [c.train.l1_warmup_steps]
+
+
 def test_bad_sweep_values_name_the_field():
   c = sweep_config()
   c.sweep.l1_coeff = (1e-3, -1.0)
