@@ -25,14 +25,23 @@ from matplotlib.figure import Figure
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gsae_jax  # noqa: E402
+from experiments.recipes import NUM_STEPS  # noqa: E402
 from gsae_jax.data import synthetic  # noqa: E402
 from gsae_jax.evaluate import plots  # noqa: E402
 from gsae_jax.sae import models  # noqa: E402
 from gsae_jax.train import sweep  # noqa: E402
 
 HELDOUT_ROWS = 8192
-# The per-SAE values a question varies besides the sparsity knob and seed.
-VARIED = ('lr', 'lr_warmup_steps', 'l1_warmup_steps')
+# The per-SAE values a question varies besides the sparsity knob and seed
+# ('sparsity_warmup_steps': the warm-up of the architecture's own coefficient).
+VARIED = ('lr', 'lr_warmup_steps', 'sparsity_warmup_steps')
+
+
+def _sparsity_warmup(row: dict) -> int:
+  """The warm-up of the row's own coefficient (0 for the TopK family). Sweeps
+  run before train.l0_warmup_steps existed warmed up JumpReLU by l1_warmup_steps."""
+  field = models.SPARSITY_WARMUP.get(row['architecture'])
+  return int(row.get(field, row['l1_warmup_steps'])) if field else 0
 
 
 def measure_sweep(workdir: str) -> list[dict]:
@@ -66,7 +75,9 @@ def measure_sweep(workdir: str) -> list[dict]:
             'knob': knob,
             'knob_value': row[knob],
             'seed': row['seed'],
-            **{k: row[k] for k in VARIED},
+            'lr': row['lr'],
+            'lr_warmup_steps': row['lr_warmup_steps'],
+            'sparsity_warmup_steps': _sparsity_warmup(row),
             'batch_size': int(config.train.batch_size),
             'recovery': synthetic.mean_max_cosine(
                 source.dictionary, sae.params['W_dec']
@@ -122,7 +133,7 @@ def table(summary: list[dict]) -> str:
       knob = {'l1_coeff': 'l1', 'l0_coeff': 'l0'}.get(s['knob'], s['knob'])
       lines.append(
           f'| {s["architecture"]} | {knob}={s["knob_value"]:g} | {s["lr"]:g} '
-          f'| {s["lr_warmup_steps"]:g} | {s["l1_warmup_steps"]:g} '
+          f'| {s["lr_warmup_steps"]:g} | {s["sparsity_warmup_steps"]:g} '
           f'| {s["batch_size"]} | {s["seeds"]} | {s["recovery"]:.3f} '
           f'({s["recovery_spread"]:.3f}) | {s["l0"]:.1f} | {s["fvu"]:.3f} '
           f'| {s["gamma"]:.3f} | {s["dead"]:.2f} |'
@@ -131,20 +142,34 @@ def table(summary: list[dict]) -> str:
   return '\n'.join(lines)
 
 
-def best(summary: list[dict], name: str, arch: str) -> dict | None:
-  """The setting of `arch` in sweep `name` with the highest mean recovery."""
-  rows = [s for s in summary if s['sweep'] == name and s['architecture'] == arch]
+def best(summary: list[dict], arch: str) -> dict | None:
+  """The setting of `arch` with the highest mean recovery."""
+  rows = [s for s in summary if s['architecture'] == arch]
   return max(rows, key=lambda s: s['recovery']) if rows else None
 
 
+def shipped(s: dict) -> bool:
+  """Whether a setting of a `new*` sweep is the recipe as the experiment
+  configs ship it: the L1 coefficient warmed up over a quarter of training,
+  JumpReLU's L0 coefficient not warmed up (experiments/recipes.py `_new`)."""
+  arch = s['architecture']
+  if arch not in models.SPARSITY_WARMUP:
+    return True
+  return s['sparsity_warmup_steps'] == (0 if arch == 'jumprelu' else NUM_STEPS // 4)
+
+
 def headline(rows: list[dict], summary: list[dict]) -> str:
-  """Old vs new recipe at each architecture's best sparsity, per difficulty."""
+  """Old vs new (as shipped) at each architecture's best sparsity, per
+  difficulty. The new recipe's rows come from the sweeps `new-D` and
+  `new<anything>-D` (e.g. a JumpReLU-only re-run, `newjr-D`)."""
   sweeps = {s['sweep'] for s in summary}
   lines = []
   for difficulty in sorted({n.split('-', 1)[1] for n in sweeps if '-' in n}):
-    old, new = f'old-{difficulty}', f'new-{difficulty}'
-    if old not in sweeps or new not in sweeps:
+    old = f'old-{difficulty}'
+    news = {n for n in sweeps if n.startswith('new') and n.endswith(f'-{difficulty}')}
+    if old not in sweeps or f'new-{difficulty}' not in sweeps:
       continue
+    new_rows = [s for s in summary if s['sweep'] in news and shipped(s)]
     lines += [
         f'### Best sparsity, old vs new recipe: {difficulty}',
         '',
@@ -154,15 +179,15 @@ def headline(rows: list[dict], summary: list[dict]) -> str:
     ]
     for arch in models.ARCHITECTURES:
       cells = []
-      for name in (old, new):
-        b = best(summary, name, arch)
+      for candidates in ([s for s in summary if s['sweep'] == old], new_rows):
+        b = best(candidates, arch)
         if b is None:
           cells.append('| - ' * 5)
           continue
         rec = [
             r['recovery']
             for r in rows
-            if r['sweep'] == name and _setting(r) == _setting(b)
+            if r['sweep'] == b['sweep'] and _setting(r) == _setting(b)
         ]
         cells.append(
             f'| {b["knob_value"]:g} | {b["recovery"]:.3f} ({min(rec):.3f}..'

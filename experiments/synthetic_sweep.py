@@ -19,7 +19,6 @@ from experiments import synthetic
 
 def get_config(arg: str = ''):
   c = synthetic.get_config('runlocal' if arg == 'runlocal' else '')
-  c.train.lr = 4e-3
   c.sweep.architecture = ('gated', 'baseline')
   c.sweep.l1_coeff = (0.02, 0.04, 0.08)
   c.sweep.baseline_width_factor = 1.5
