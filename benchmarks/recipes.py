@@ -198,6 +198,50 @@ def headline(rows: list[dict], summary: list[dict]) -> str:
   return '\n'.join(lines)
 
 
+def difficulty_table(summary: list[dict]) -> str:
+  """Best-sparsity recovery, old -> new (as shipped), for every difficulty
+  with both sweeps: one row per architecture, one column per difficulty."""
+  sweeps = {s['sweep'] for s in summary}
+  difficulties = [
+      d
+      for d in ('f4', 'f4c', 'f8', 'f8c', 'f16', 'f16c')
+      if f'old-{d}' in sweeps and f'new-{d}' in sweeps
+  ]
+  if not difficulties:
+    return ''
+  chance = {
+      d: next(s['chance'] for s in summary if s['sweep'] == f'old-{d}')
+      for d in difficulties
+  }
+  lines = [
+      '### Best-sparsity recovery, old -> new (as shipped), every difficulty',
+      '',
+      '| arch | '
+      + ' | '.join(f'{d} (chance {chance[d]:.2f})' for d in difficulties)
+      + ' |',
+      '| --- |' + ' --- |' * len(difficulties),
+  ]
+  for arch in models.ARCHITECTURES:
+    cells = []
+    for d in difficulties:
+      old = best([s for s in summary if s['sweep'] == f'old-{d}'], arch)
+      new = best(
+          [
+              s
+              for s in summary
+              if s['sweep'].startswith('new')
+              and s['sweep'].endswith(f'-{d}')
+              and shipped(s)
+          ],
+          arch,
+      )
+      cells.append(
+          f'{old["recovery"]:.3f} -> {new["recovery"]:.3f}' if old and new else '-'
+      )
+    lines.append(f'| {arch} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines + [''])
+
+
 def plot(summary: list[dict], sweeps: list[str], path: str) -> None:
   """Recovery vs L0, one panel per sweep, one series per architecture."""
   fig = Figure(figsize=(4.2 * len(sweeps), 3.6))
@@ -241,7 +285,13 @@ def main():
     json.dump(rows, f, indent=1)
   summary = summarise(rows)
   with open(os.path.join(args.out, 'tables.md'), 'w') as f:
-    f.write(headline(rows, summary) + '\n' + table(summary))
+    f.write(
+        headline(rows, summary)
+        + '\n'
+        + difficulty_table(summary)
+        + '\n'
+        + table(summary)
+    )
   for group in filter(None, args.plots.split(';')):
     names = group.split(',')
     plot(summary, names, os.path.join(args.out, f'recovery_vs_l0_{names[0]}.png'))
