@@ -54,8 +54,11 @@ def _assert_same(a, b, what):
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   out = tmp_path_factory.mktemp('parallel')
-  _wait(_worker(1, out, out / 'one', ['jit:1,1,1', 'jit:1,1,1@batchtopk']))
-  _wait(_worker(8, out, out / 'eight', [*MESHES, 'jit:2,4,1@batchtopk']))
+  # The two workers are independent processes: run them side by side.
+  _wait(
+      _worker(1, out, out / 'one', ['jit:1,1,1', 'jit:1,1,1@batchtopk']),
+      _worker(8, out, out / 'eight', [*MESHES, 'jit:2,4,1@batchtopk']),
+  )
   return out
 
 
