@@ -246,8 +246,9 @@ def plot(summary: list[dict], sweeps: list[str], path: str) -> None:
   """Recovery vs L0, one panel per sweep, one series per architecture."""
   fig = Figure(figsize=(4.2 * len(sweeps), 3.6))
   FigureCanvasAgg(fig)
-  for i, name in enumerate(sweeps):
-    ax = fig.add_subplot(1, len(sweeps), i + 1)
+  # Shared axes: the panels compare recipes at a glance.
+  axes = fig.subplots(1, len(sweeps), sharex=True, sharey=True, squeeze=False)[0]
+  for ax, name in zip(axes, sweeps, strict=True):
     for arch in models.ARCHITECTURES:
       pts = sorted(
           (s['l0'], s['recovery'])

@@ -31,7 +31,7 @@ The commands of docs/recipes.md (one pinned core; ~70 min in all there):
         --workdir=runs/recipes/$q
   done
   python -m benchmarks.recipes --runs=runs/recipes --out=docs/recipes \
-      --plots='old-f16c,new-f16c;old-f8c,new-f8c'
+      --plots='old-f16c,new-f16c,newjr-f16c;old-f8c,new-f8c,newjr-f8c'
 The other difficulties (e.g. old-f4 new-f4 old-f16 new-f16) run the same way.
 """
 
