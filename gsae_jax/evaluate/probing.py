@@ -105,6 +105,7 @@ _PLAYS = (
 )
 # A speaker heading: a short capitalised name ending in '.', alone on its line.
 _HEADING = re.compile(r"[A-Z][A-Za-z' -]{0,29}\.")
+_ACT = re.compile(r'(ACT|SCENE) ')  # 'ACT I.' is a heading of another kind
 
 
 @dataclasses.dataclass
@@ -147,10 +148,10 @@ def _class_of(task: str, source: str, new_testament: set[str]) -> int | None:
 def speech_lines(text: str) -> tuple[list[str], list[str]]:
   """(speaker-heading lines, spoken lines) of a play's text.
 
-  A heading is a short capitalised name ending in '.', alone on a line that
-  follows a blank line and precedes a non-blank one; a spoken line is any
-  other line of at least four words inside a speech (after a non-blank line,
-  not a '[stage direction]').
+  A heading is a short capitalised name ending in '.' (not 'ACT I.'), alone
+  on a line that follows a blank line and precedes a non-blank one; a spoken
+  line is any other line of at least four words inside a speech (after a
+  non-blank line, not a '[stage direction]').
   """
   lines = text.split('\n')
   headings, spoken = [], []
@@ -160,7 +161,7 @@ def speech_lines(text: str) -> tuple[list[str], list[str]]:
     after = lines[i + 1].strip() if i + 1 < len(lines) else ''
     if not line:
       continue
-    if _HEADING.fullmatch(line) and not before and after:
+    if _HEADING.fullmatch(line) and not before and after and not _ACT.match(line):
       headings.append(line)
     elif before and not line.startswith('[') and len(line.split()) >= 4:
       spoken.append(line)
