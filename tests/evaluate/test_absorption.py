@@ -66,8 +66,9 @@ def test_latents_on_the_letter_directions_absorb_nothing():
 def test_a_latent_taking_over_a_subset_reports_its_share():
   u, v, train_x, train_letters, test_x, test_letters = _letters_world()
   # Main latent 's' is silenced by each absorbed word's direction, and word w's
-  # latent fires instead, writing (u_s + v_w) / sqrt 2 (cos 0.71 with u_s).
-  w_enc = np.concatenate([u, v]).T.copy()
+  # latent fires instead (at 1.5), writing (u_s + v_w) / sqrt 2 (cos 0.71
+  # with u_s): 1.06 of the word's projection a in [1, 2] on the probe.
+  w_enc = np.concatenate([u, 2.0 * v]).T
   w_enc[:, S] -= 2.0 * v.sum(axis=0)
   w_dec = np.concatenate([u, (u[S] + v) / np.sqrt(2)])
   sae = baseline_sae(w_enc, np.full(31, -0.5), w_dec)
@@ -85,15 +86,15 @@ def test_a_latent_taking_over_a_subset_reports_its_share():
 
 def test_word_absorption_follows_the_definitions():
   p = np.array([1.0, 0.0])
-  # Latent 0 (main) along p; latent 1 at cos 0.6; latent 2 at cos 0.05.
-  w_dec = np.array([[1.0, 0.0], [0.6, 0.8], [0.05, np.sqrt(1 - 0.05**2)]])
+  # Latent 0 (main) along p; latent 1 at cos 0.6; latent 2 at cos 0.02.
+  w_dec = np.array([[1.0, 0.0], [0.6, 0.8], [0.02, np.sqrt(1 - 0.02**2)]])
   x = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
   f = np.array(
       [
           [0.3, 0.5, 0.0],  # main carries 0.3, latent 1 0.3: partial
           [0.0, 1.0, 0.0],  # main silent, latent 1 carries 0.6: full
           [0.0, 0.5, 0.0],  # latent 1 carries 0.3 < 0.4 of a = 1: none
-          [0.0, 0.0, 20.0],  # latent 2 projects 1.0 but is below both cosines
+          [0.0, 0.0, 50.0],  # latent 2 projects 1.0 but is below both cosines
       ]
   )
   full, fraction = absorption.word_absorption(x, f, p, w_dec, [0])

@@ -79,10 +79,10 @@ def test_build_tasks_are_balanced_held_out_and_labelled_from_the_folio():
   # both a comedy and a tragedy.
   folio = probing.FOLIO_COMEDIES + probing.FOLIO_TRAGEDIES + probing.FOLIO_HISTORIES
   assert set(folio) <= plays and len(set(folio)) == len(folio) == 35
-  tasks = probing.build_tasks(_ByteTokenizer(), n_train=6, n_test=3, example_len=20)
+  tasks = probing.build_tasks(_ByteTokenizer(), n_train=6, n_test=3, example_len=40)
   assert [t.name for t in tasks] == list(probing.TASKS)
   for t in tasks:
-    assert t.ids.shape == t.mask.shape == (18, 20)
+    assert t.ids.shape == t.mask.shape == (18, 40)
     assert t.train.sum() == 12 and t.labels[t.train].sum() == 6
     assert t.labels[~t.train].sum() == 3
     assert np.all(t.mask[:, 0] == 0)  # position 0 is never pooled

@@ -75,7 +75,7 @@ def test_plots_and_latent_report_from_lm_results(lm, lm_results, tmp_path):
     with open(path, 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   page = report.report_html(lm_results[0], lm, n_latents=3, n_examples=2)
-  assert page.count('<div class="latent">') == 3
+  assert page.count('<div class="latent" id="latent-') == 3
   assert page.count('<mark>') == 6
   # The highlighted token is where the latent's top activation is.
   r = lm_results[0]  # the identity SAE: f = [ReLU(x), ReLU(-x)]
