@@ -689,7 +689,8 @@ def evaluate_workdir(
         name, saes, results, lm, batch_size, progress, options[name]
     )
     seconds[name] = round(time.perf_counter() - t1, 2)
-  if 'core' not in evals:
+  joined = 'core' not in evals and os.path.exists(os.path.join(out_dir, EVAL_JSON))
+  if joined:
     results = _join_earlier_results(out_dir, results)
   settings = {
       'workdir': os.path.abspath(workdir),
@@ -706,6 +707,7 @@ def evaluate_workdir(
       'seconds_per_eval': seconds,
       'probing_options': options['probing'],
       'absorption_options': options['absorption'],
+      'core_columns_from': 'an earlier eval.json' if joined else 'this run',
   }
   write_results(results, out_dir, settings)
   if merge_index and os.path.exists(os.path.join(workdir, sweep_lib.INDEX_JSON)):
