@@ -1,6 +1,7 @@
 r"""Evaluates the SAEs of a run or sweep on held-out data; writes results and plots.
 
   python -m launch.evaluate --workdir=runs/sweep [--num_tokens=20000] [--out=...]
+      [--evals=core,probing,absorption]
 
 Writes eval.json, eval.csv and eval_density.npz (one row / array per SAE),
 pareto.png (L0 vs loss recovered, per architecture), shrinkage.png,
@@ -9,6 +10,12 @@ snippets) into --out (default: --workdir). For a sweep directory the metrics
 are also merged into its index (sweep.json / sweep.csv rows get eval_* keys).
 LM SAEs are evaluated on the held-out text split (--split) of their harvest
 dataset, synthetic-source SAEs on held-out generator batches.
+
+--evals picks the evaluations (a comma list): core (the default: the metrics
+above), probing (sparse probing on four binary tasks of the bundled corpus;
+probing.png) and absorption (first-letter feature absorption;
+absorption.png), both for LM SAEs only; their columns join eval.json/csv and
+the sweep index. Without core, they join the rows of an earlier eval.json.
 """
 
 from absl import flags
@@ -31,6 +38,11 @@ _PLOTS = flags.DEFINE_bool('plots', True, 'Write the PNG plots.')
 _REPORT_LATENTS = flags.DEFINE_integer(
     'report_latents', 24, 'Latents per SAE in the HTML report (0: no report).'
 )
+_EVALS = flags.DEFINE_string(
+    'evals',
+    'core',
+    f'Comma list of evaluations to run, of: {", ".join(evaluate.EVALS)}.',
+)
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -45,6 +57,7 @@ def main():
       merge_index=_MERGE_INDEX.value,
       plots=_PLOTS.value,
       report_latents=_REPORT_LATENTS.value,
+      evals=_EVALS.value,
   )
   print(evaluate.format_table(results))
   print(f'results: {_OUT.value or _WORKDIR.value}/{evaluate.EVAL_CSV}')

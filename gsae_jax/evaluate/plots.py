@@ -7,6 +7,9 @@
   shrinkage.png  L0 vs shrinkage gamma (1 = none) [P §4, Fig. 4].
   density.png    per SAE, a histogram of log10 latent firing frequency; dead
                  latents (never fired) are counted in the panel title.
+  probing.png    L0 vs sparse-probing test accuracy (mean over tasks), one
+                 panel per k, the raw-activation probe as a dashed line.
+  absorption.png L0 vs the absorption rate and the absorption fraction.
 
 Inputs are the result dicts of `gsae_jax.evaluate` (scalars per SAE and
 'firing_frequency' arrays).
@@ -111,28 +114,8 @@ def plot_pareto(results: Sequence[dict], path: str) -> str:
 
 def plot_shrinkage(results: Sequence[dict], path: str) -> str:
   """L0 vs shrinkage gamma = E||x_hat||^2 / E[x . x_hat] per architecture."""
-  fig = Figure(figsize=(6, 4.5))
-  ax = fig.add_subplot()
-  all_x = []
-  for arch, rs in sorted(_by_architecture(results).items()):
-    rs = sorted(rs, key=lambda r: _value(r, 'l0'))
-    x = [_value(r, 'l0') for r in rs]
-    all_x += x
-    ax.plot(
-        x,
-        [_value(r, 'shrinkage_gamma') for r in rs],
-        color=_COLORS.get(arch),
-        marker='o',
-        label=arch,
-    )
-  ax.axhline(1.0, color='grey', linestyle='--', linewidth=1)
-  _log_x_if_positive(ax, all_x)
-  ax.set_xlabel('L0 (active latents per token)')
-  ax.set_ylabel('shrinkage gamma (1 = none)')
-  ax.set_title('Relative reconstruction bias')
-  ax.grid(True, which='both', alpha=0.3)
-  ax.legend()
-  return _save(fig, path)
+  panels = [('shrinkage_gamma', 'Relative reconstruction bias: gamma (1 = none)')]
+  return _versus_l0(results, panels, path, hline=1.0)
 
 
 def plot_density(results: Sequence[dict], path: str, columns: int = 4) -> str:
@@ -172,12 +155,83 @@ def plot_density(results: Sequence[dict], path: str, columns: int = 4) -> str:
   return _save(fig, path)
 
 
+def _versus_l0(
+    results: Sequence[dict],
+    panels: Sequence[tuple[str, str]],
+    path: str,
+    reference: str | None = None,
+    hline: float | None = None,
+) -> str:
+  """One panel per (key, title): L0 vs results[key], a line per architecture;
+  `reference` (a key, the same for every SAE) or `hline` as a dashed grey
+  line."""
+  fig = Figure(figsize=(4.5 * len(panels), 4))
+  for i, (key, title) in enumerate(panels):
+    ax = fig.add_subplot(1, len(panels), i + 1)
+    all_x = []
+    for arch, rs in sorted(_by_architecture(results).items()):
+      rs = sorted(rs, key=lambda r: _value(r, 'l0'))
+      x = [_value(r, 'l0') for r in rs]
+      all_x += x
+      ax.plot(
+          x,
+          [_value(r, key) for r in rs],
+          color=_COLORS.get(arch),
+          marker='o',
+          label=arch,
+      )
+    if reference is not None:
+      ref = [_value(r, reference) for r in results]
+      ref = [v for v in ref if math.isfinite(v)]
+      if ref:
+        ax.axhline(ref[0], color='grey', linestyle='--', linewidth=1, label='raw acts')
+    if hline is not None:
+      ax.axhline(hline, color='grey', linestyle='--', linewidth=1)
+    _log_x_if_positive(ax, all_x)
+    ax.set_xlabel('L0 (active latents per token)')
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def plot_probing(results: Sequence[dict], path: str) -> str:
+  """L0 vs sparse-probing test accuracy, one panel per k in the results."""
+  ks = sorted(
+      int(k[len('probing_acc_k') :])
+      for k in results[0]
+      if k.startswith('probing_acc_k')
+  )
+  panels = [(f'probing_acc_k{k}', f'sparse probing accuracy, k = {k}') for k in ks]
+  return _versus_l0(results, panels, path, reference='probing_acc_raw')
+
+
+def plot_absorption(results: Sequence[dict], path: str) -> str:
+  """L0 vs absorption rate (full) and absorption fraction (lower is better)."""
+  panels = [
+      ('absorption_rate', 'absorption rate (first letter; lower is better)'),
+      ('absorption_fraction', 'absorption fraction (lower is better)'),
+  ]
+  return _versus_l0(results, panels, path)
+
+
 def write_all(results: Sequence[dict], out_dir: str) -> list[str]:
-  """Writes pareto.png, shrinkage.png and density.png; returns their paths."""
+  """Writes pareto.png, shrinkage.png and density.png (results with core
+  metrics), probing.png and absorption.png (results with those); returns the
+  paths."""
   if not results:
     return []
-  return [
-      plot_pareto(results, os.path.join(out_dir, 'pareto.png')),
-      plot_shrinkage(results, os.path.join(out_dir, 'shrinkage.png')),
-      plot_density(results, os.path.join(out_dir, 'density.png')),
-  ]
+  paths = []
+  if all('l0' in r for r in results):
+    paths += [
+        plot_pareto(results, os.path.join(out_dir, 'pareto.png')),
+        plot_shrinkage(results, os.path.join(out_dir, 'shrinkage.png')),
+    ]
+  if all('firing_frequency' in r for r in results):
+    paths.append(plot_density(results, os.path.join(out_dir, 'density.png')))
+  if all('l0' in r and 'probing_acc_raw' in r for r in results):
+    paths.append(plot_probing(results, os.path.join(out_dir, 'probing.png')))
+  if all('l0' in r and 'absorption_rate' in r for r in results):
+    paths.append(plot_absorption(results, os.path.join(out_dir, 'absorption.png')))
+  return paths

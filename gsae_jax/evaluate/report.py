@@ -1,16 +1,21 @@
-"""Per-latent HTML report: top-activating text snippets for a sample of latents.
+"""Per-latent HTML report: top-activating text snippets and the logit lens.
 
 For an LM evaluation result (`gsae_jax.evaluate.evaluate`), which keeps each
 latent's top activations ('top_values', 'top_tokens') and the token ids of the
-evaluated contexts ('contexts'), this writes one self-contained HTML page: for
-a seeded random sample of live latents, its firing frequency and its top
+evaluated contexts ('contexts'), this writes one self-contained HTML page per
+SAE: for a seeded random sample of live latents, its firing frequency, its
+logit lens (the decoder direction through the LM's final norm and
+unembedding: the tokens it promotes and suppresses most) and its top
 snippets, each a window of the context around the max-activating token, that
-token highlighted with its activation.
+token highlighted with its activation. An index page lists each SAE's
+reported latents by firing frequency, linked to their entries.
 """
 
 from __future__ import annotations
 
 import html
+import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -24,6 +29,9 @@ body { font-family: sans-serif; margin: 2em; max-width: 70em; }
 .snippet mark { background: #ffb347; font-weight: bold; }
 .act { color: #666; display: inline-block; width: 6em; }
 .meta { color: #444; font-size: 90%; }
+.lens { font-family: monospace; font-size: 90%; margin: 0.2em 0; }
+.up { color: #1a7f37; } .down { color: #b42318; }
+table { border-collapse: collapse; } td, th { padding: 0.1em 0.6em; text-align: left; }
 """
 
 
@@ -55,6 +63,39 @@ def snippet_html(
   return prefix + ''.join(parts) + suffix
 
 
+def logit_lens(
+    lm: Any, directions: np.ndarray, n_tokens: int = 10
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """The tokens each direction promotes and suppresses most.
+
+  Args:
+    lm: the LM (`.unembed`: final norm, then unembedding).
+    directions: decoder rows [n, d_model].
+    n_tokens: tokens per side.
+
+  Returns:
+    top_ids, top_logits, bottom_ids, bottom_logits, each [n, n_tokens]
+    (top: largest logit first; bottom: smallest first).
+  """
+  logits = np.asarray(lm.unembed(np.asarray(directions, np.float32)))  # [n, vocab]
+  order = np.argsort(-logits, axis=1, kind='stable')
+  top, bottom = order[:, :n_tokens], order[:, ::-1][:, :n_tokens]
+  return (
+      top,
+      np.take_along_axis(logits, top, axis=1),
+      bottom,
+      np.take_along_axis(logits, bottom, axis=1),
+  )
+
+
+def _lens_html(tokenizer, ids, values, css: str, cache: dict[int, str]) -> str:
+  cells = [
+      f'{html.escape(repr(_token_text(tokenizer, int(t), cache)))} {v:+.2f}'
+      for t, v in zip(ids, values, strict=True)
+  ]
+  return f'<span class="{css}">' + ', '.join(cells) + '</span>'
+
+
 def sample_latents(result: dict, n_latents: int, seed: int = 0) -> np.ndarray:
   """A seeded random sample of live latents (fired at least once), sorted."""
   alive = np.flatnonzero(np.asarray(result['firing_frequency']) > 0)
@@ -71,6 +112,7 @@ def report_html(
     n_latents: int = 24,
     n_examples: int = 8,
     seed: int = 0,
+    lens: dict[int, tuple] | None = None,
 ) -> str:
   """The report page for one SAE's result.
 
@@ -80,6 +122,8 @@ def report_html(
     n_latents: latents to show (a seeded sample of the live ones).
     n_examples: snippets per latent (at most the evaluation's top_k).
     seed: the sampling seed.
+    lens: {latent: (top_ids, top_logits, bottom_ids, bottom_logits)} from
+      `logit_lens`, shown for the latents it has.
   """
   for key in ('top_values', 'top_tokens', 'contexts', 'firing_frequency'):
     if key not in result:
@@ -113,10 +157,18 @@ def report_html(
     values = result['top_values'][latent][:n_examples]
     tokens = result['top_tokens'][latent][:n_examples]
     body.append(
-        f'<div class="latent"><h3>latent {latent}</h3><p class="meta">firing '
-        f'frequency {freq[latent]:.3g} (log10 {np.log10(freq[latent]):.2f}), '
-        f'max activation {values[0]:.3g}</p>'
+        f'<div class="latent" id="latent-{latent}"><h3>latent {latent}</h3>'
+        f'<p class="meta">firing frequency {freq[latent]:.3g} (log10 '
+        f'{np.log10(freq[latent]):.2f}), max activation {values[0]:.3g}</p>'
     )
+    if lens is not None and int(latent) in lens:
+      top_ids, top_v, bottom_ids, bottom_v = lens[int(latent)]
+      body.append(
+          '<div class="lens">promotes: '
+          f'{_lens_html(tokenizer, top_ids, top_v, "up", cache)}</div>'
+          '<div class="lens">suppresses: '
+          f'{_lens_html(tokenizer, bottom_ids, bottom_v, "down", cache)}</div>'
+      )
     for value, token in zip(values, tokens, strict=True):
       if token < 0:
         continue
@@ -137,3 +189,69 @@ def write_report(result: dict, tokenizer: Any, path: str, **kwargs) -> str:
   """Writes `report_html(result, tokenizer, **kwargs)` to path; returns it."""
   files.atomic_write_text(path, report_html(result, tokenizer, **kwargs))
   return path
+
+
+def index_html(entries: Sequence[tuple[dict, np.ndarray, dict]], tokenizer: Any) -> str:
+  """The index page: per SAE, its reported latents by firing frequency.
+
+  entries: (result, reported latents, lens) per SAE; each latent links to
+  sae_<index>.html#latent-<latent>, with its top promoted tokens.
+  """
+  cache: dict[int, str] = {}
+  body = ['<h1>Latent reports</h1>']
+  for result, latents, lens in entries:
+    page = f'sae_{result["index"]}.html'
+    freq = np.asarray(result['firing_frequency'])
+    body.append(
+        f'<h2><a href="{page}">SAE #{result["index"]}</a>: '
+        f'{html.escape(str(result["architecture"]))} {result.get("sparsity", "")}'
+        f', L0 {result.get("l0", float("nan")):.1f}</h2>'
+        '<table><tr><th>latent</th><th>firing frequency</th><th>promotes</th></tr>'
+    )
+    for latent in sorted(latents, key=lambda i: (-freq[i], i)):
+      promoted = ''
+      if int(latent) in lens:
+        top_ids, top_v = lens[int(latent)][:2]
+        promoted = _lens_html(tokenizer, top_ids[:5], top_v[:5], 'up', cache)
+      body.append(
+          f'<tr><td><a href="{page}#latent-{latent}">{latent}</a></td>'
+          f'<td>{freq[latent]:.3g}</td><td>{promoted}</td></tr>'
+      )
+    body.append('</table>')
+  return (
+      '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>Latent reports'
+      f'</title><style>{_STYLE}</style></head><body>\n'
+      + '\n'.join(body)
+      + '\n</body></html>\n'
+  )
+
+
+def write_reports(
+    pairs: Sequence[tuple[dict, Any]],
+    lm: Any,
+    out_dir: str,
+    *,
+    n_latents: int = 24,
+    seed: int = 0,
+    **kwargs,
+) -> list[str]:
+  """Writes sae_<index>.html per (result, SAE) pair, with the logit lens of
+  the reported latents' decoder rows, and index.html; returns the paths."""
+  paths, entries = [], []
+  for result, sae in pairs:
+    latents = sample_latents(result, n_latents, seed)
+    w_dec = np.asarray(sae.params['W_dec'])[latents]
+    lens = {}
+    if latents.size:
+      parts = logit_lens(lm, w_dec)
+      lens = {int(i): tuple(p[j] for p in parts) for j, i in enumerate(latents)}
+    path = os.path.join(out_dir, f'sae_{result["index"]}.html')
+    paths.append(
+        write_report(
+            result, lm, path, n_latents=n_latents, seed=seed, lens=lens, **kwargs
+        )
+    )
+    entries.append((result, latents, lens))
+  index = os.path.join(out_dir, 'index.html')
+  files.atomic_write_text(index, index_html(entries, lm))
+  return paths + [index]

@@ -63,7 +63,11 @@ SYNTHETIC_HELD_OUT = 2**31  # first synthetic batch index used for evaluation
 EVAL_JSON, EVAL_CSV, EVAL_DENSITY = 'eval.json', 'eval.csv', 'eval_density.npz'
 REPORT_DIR = 'latents'
 # Result entries that are arrays, not scalars (left out of eval.json/csv).
-ARRAY_KEYS = ('firing_frequency', 'top_values', 'top_tokens', 'contexts')
+ARRAY_KEYS = ('firing_frequency', 'top_values', 'top_tokens', 'contexts', 'per_letter')
+# The evaluations `evaluate_workdir` runs (launch.evaluate --evals): core =
+# the metrics of evaluate/metrics.py; probing = evaluate/probing.py;
+# absorption = evaluate/absorption.py.
+EVALS = ('core', 'probing', 'absorption')
 # Result entries that describe the SAE rather than measure it.
 IDENTITY_KEYS = (
     'index',
@@ -84,6 +88,19 @@ IDENTITY_KEYS = (
 
 # ---------------------------------------------------------------------------
 # Evaluating SAEs.
+
+
+def parse_evals(evals: str | Sequence[str]) -> tuple[str, ...]:
+  """'core,probing' (or a sequence) -> ('core', 'probing'), checked against EVALS."""
+  names = evals.split(',') if isinstance(evals, str) else list(evals)
+  names = [n.strip() for n in names if n.strip()]
+  unknown = [n for n in names if n not in EVALS]
+  if unknown or not names:
+    raise ValueError(
+        f'unknown eval(s) {unknown or names} in evals {evals!r}; valid: '
+        f'{", ".join(EVALS)} (a comma list, e.g. core,probing,absorption)'
+    )
+  return tuple(dict.fromkeys(names))
 
 
 def describe(sae: Any) -> dict[str, Any]:
@@ -114,13 +131,15 @@ def sparsity_label(config) -> str:
   return f'{short}={config.sae[knob]:.3g}'
 
 
-def _spec(sae: Any) -> models.SAESpec:
+def spec_of(sae: Any) -> models.SAESpec:
+  """The SAE's resolved model spec (its step formulation chosen)."""
   return getattr(sae, 'spec', None) or backends.resolve(
       models.SAESpec.from_config(sae.config.sae)
   )
 
 
-def _device_params(sae: Any) -> dict[str, jax.Array]:
+def device_params(sae: Any) -> dict[str, jax.Array]:
+  """The SAE's parameters as float32 device arrays."""
   return {k: jnp.asarray(v, jnp.float32) for k, v in sae.params.items()}
 
 
@@ -321,8 +340,8 @@ def evaluate(
     )
   ids_all = np.stack(contexts).astype(np.int32)  # [n_contexts, context_len]
 
-  specs = [_spec(s) for s in saes]
-  params = [_device_params(s) for s in saes]
+  specs = [spec_of(s) for s in saes]
+  params = [device_params(s) for s in saes]
   sums = [metrics.Sums(d_in=lm.d_model, d_sae=sp.d_sae) for sp in specs]
   k = min(top_k, batch_size * per_context)
   tops = [metrics.TopExamples(sp.d_sae, k) if k else None for sp in specs]
@@ -397,8 +416,8 @@ def evaluate_synthetic(
       )
   batch_size = int(batch_size or c.train.batch_size)
   source = synthetic.SyntheticSource(c.synthetic, int(c.sae.d_in), batch_size)
-  specs = [_spec(s) for s in saes]
-  params = [_device_params(s) for s in saes]
+  specs = [spec_of(s) for s in saes]
+  params = [device_params(s) for s in saes]
   sums = [metrics.Sums(d_in=int(c.sae.d_in), d_sae=sp.d_sae) for sp in specs]
   n_batches = max(1, -(-int(num_tokens) // batch_size))
   mask = jnp.ones(batch_size, jnp.float32)
@@ -519,7 +538,8 @@ def write_results(
 ) -> dict[str, str]:
   """Writes eval.json, eval.csv (one row per SAE) and eval_density.npz.
 
-  eval_density.npz holds each SAE's firing frequency as 'sae_<index>'.
+  eval_density.npz holds each SAE's firing frequency as 'sae_<index>' (not
+  written when no result has one: an evaluation without 'core').
   Returns {'json': path, 'csv': path, 'density': path}.
   """
   os.makedirs(out_dir, exist_ok=True)
@@ -532,9 +552,15 @@ def write_results(
   }
   files.atomic_write_json(paths['json'], doc)
   files.atomic_write_csv(paths['csv'], rows)
-  buf = io.BytesIO()
-  np.savez(buf, **{f'sae_{r["index"]}': r['firing_frequency'] for r in results})
-  files.atomic_write_bytes(paths['density'], buf.getvalue())
+  densities = {
+      f'sae_{r["index"]}': r['firing_frequency']
+      for r in results
+      if 'firing_frequency' in r
+  }
+  if densities:
+    buf = io.BytesIO()
+    np.savez(buf, **densities)
+    files.atomic_write_bytes(paths['density'], buf.getvalue())
   return paths
 
 
@@ -595,13 +621,19 @@ def evaluate_workdir(
     plots: bool = True,
     report_latents: int = 24,
     progress: bool = True,
+    evals: str | Sequence[str] = ('core',),
+    probing_options: dict[str, Any] | None = None,
+    absorption_options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
   """Evaluates every SAE of a run or sweep directory and writes the results.
 
   Writes into out_dir (default workdir): eval.json, eval.csv,
-  eval_density.npz, plots (pareto.png, shrinkage.png, density.png) and, for
-  LM SAEs, per-latent HTML reports (latents/sae_<index>.html). For a sweep
-  directory with merge_index, the sweep index rows get eval_* keys.
+  eval_density.npz, plots (pareto.png, shrinkage.png, density.png; with
+  probing / absorption also probing.png / absorption.png) and, for LM SAEs,
+  per-latent HTML reports (latents/sae_<index>.html, latents/index.html).
+  For a sweep directory with merge_index, the sweep index rows get eval_*
+  keys. Without 'core' in evals, the new columns join the rows of an
+  existing eval.json.
 
   Args:
     workdir: a run's or a sweep's workdir.
@@ -616,23 +648,50 @@ def evaluate_workdir(
     plots: write the PNG plots.
     report_latents: latents per SAE in the HTML report (0: none).
     progress: print a progress line on stderr.
+    evals: which evaluations (EVALS; a comma list or a sequence).
+    probing_options: keyword arguments for `probing.evaluate_probing`
+      (sizes: n_train, n_test, example_len, tasks, seed).
+    absorption_options: keyword arguments for
+      `absorption.evaluate_absorption` (n_words, n_icl, min_letters, seed).
 
   Returns:
-    The results, as `evaluate_all`.
+    The results, as `evaluate_all` (with the other evals' keys added).
   """
+  evals = parse_evals(evals)
   out_dir = out_dir or workdir
   saes = _load_saes(workdir, step)
+  extra = [e for e in evals if e != 'core']
+  if extra and not needs_lm(saes):
+    raise ValueError(
+        f'evals {extra} need SAEs of an LM site; {workdir} holds only '
+        'synthetic-source SAEs (use --evals=core)'
+    )
   if lm is None and needs_lm(saes):
     lm = load_lm_for(saes)
   t0 = time.perf_counter()
-  results = evaluate_all(
-      saes,
-      lm,
-      num_tokens=num_tokens,
-      batch_size=batch_size,
-      split=split,
-      progress=progress,
-  )
+  seconds = {}
+  if 'core' in evals:
+    results = evaluate_all(
+        saes,
+        lm,
+        num_tokens=num_tokens,
+        batch_size=batch_size,
+        split=split,
+        progress=progress,
+    )
+  else:
+    results = [describe(s) for s in saes]
+  seconds['core'] = round(time.perf_counter() - t0, 2)
+  options = {'probing': probing_options or {}, 'absorption': absorption_options or {}}
+  for name in extra:
+    t1 = time.perf_counter()
+    _run_interpretability_eval(
+        name, saes, results, lm, batch_size, progress, options[name]
+    )
+    seconds[name] = round(time.perf_counter() - t1, 2)
+  joined = 'core' not in evals and os.path.exists(os.path.join(out_dir, EVAL_JSON))
+  if joined:
+    results = _join_earlier_results(out_dir, results)
   settings = {
       'workdir': os.path.abspath(workdir),
       'num_tokens_requested': int(num_tokens),
@@ -644,6 +703,11 @@ def evaluate_workdir(
       'spliced positions',
       'mse': 'E||x - x_hat||^2 / d_in in raw activation units',
       'seconds': round(time.perf_counter() - t0, 2),
+      'evals': list(evals),
+      'seconds_per_eval': seconds,
+      'probing_options': options['probing'],
+      'absorption_options': options['absorption'],
+      'core_columns_from': 'an earlier eval.json' if joined else 'this run',
   }
   write_results(results, out_dir, settings)
   if merge_index and os.path.exists(os.path.join(workdir, sweep_lib.INDEX_JSON)):
@@ -652,18 +716,67 @@ def evaluate_workdir(
     from gsae_jax.evaluate import plots as plots_lib  # noqa: PLC0415 (matplotlib)
 
     plots_lib.write_all(results, out_dir)
-  if report_latents and lm is not None:
+  if report_latents and lm is not None and 'core' in evals:
     from gsae_jax.evaluate import report  # noqa: PLC0415
 
-    for r in results:
-      if 'top_tokens' in r:
-        report.write_report(
-            r,
-            lm,
-            os.path.join(out_dir, REPORT_DIR, f'sae_{r["index"]}.html'),
-            n_latents=report_latents,
-        )
+    report.write_reports(
+        [(r, s) for r, s in zip(results, saes, strict=True) if 'top_tokens' in r],
+        lm,
+        os.path.join(out_dir, REPORT_DIR),
+        n_latents=report_latents,
+    )
   return results
+
+
+def _run_interpretability_eval(
+    name: str,
+    saes: Sequence[Any],
+    results: list[dict],
+    lm: Any,
+    batch_size: int | None,
+    progress: bool,
+    options: dict[str, Any],
+) -> None:
+  """Adds eval `name`'s keys to the results of the LM SAEs, site by site."""
+  from gsae_jax.evaluate import absorption, probing  # noqa: PLC0415
+
+  groups: dict[tuple, list[int]] = {}
+  for i, s in enumerate(saes):
+    if s.config.data.source != 'synthetic':
+      groups.setdefault(_source_key(s), []).append(i)
+  skipped = len(saes) - sum(len(m) for m in groups.values())
+  if skipped:
+    logs.info(f'{name}: skipping {skipped} synthetic-source SAE(s) (no LM)')
+  for members in groups.values():
+    group = [saes[i] for i in members]
+    h = group[0].config.harvest
+    common = {
+        'site': h.site,
+        'batch_size': int(batch_size or h.lm_batch_size),
+        'progress': progress,
+    }
+    if name == 'probing':
+      out = probing.evaluate_probing(
+          group,
+          lm,
+          outlier_norm_factor=float(h.outlier_norm_factor),
+          **common,
+          **options,
+      )
+    else:
+      out = absorption.evaluate_absorption(group, lm, **common, **options)
+    for i, r in zip(members, out, strict=True):
+      results[i].update(r)
+
+
+def _join_earlier_results(out_dir: str, results: list[dict]) -> list[dict]:
+  """Each result on top of its row (by index) of out_dir's eval.json, if any."""
+  path = os.path.join(out_dir, EVAL_JSON)
+  if not os.path.exists(path):
+    return results
+  with open(path) as f:
+    earlier = {r['index']: r for r in json.load(f)['results']}
+  return [{**earlier.get(r['index'], {}), **r} for r in results]
 
 
 def format_table(results: Sequence[dict]) -> str:
@@ -694,6 +807,16 @@ def format_table(results: Sequence[dict]) -> str:
       'dead',
       'dense',
   ]
+  for name, fmt, head in (
+      ('probing_acc_raw', '{:>6.3f}', 'P_raw'),
+      ('probing_acc_k1', '{:>6.3f}', 'P@1'),
+      ('probing_acc_k5', '{:>6.3f}', 'P@5'),
+      ('absorption_rate', '{:>6.3f}', 'absorb'),
+      ('absorption_fraction', '{:>6.3f}', 'a_frac'),
+  ):
+    if any(name in r for r in results):
+      cols.append((name, fmt))
+      heads.append(head)
   if len({r.get('site') for r in results}) > 1:  # a sweep over sites
     width = max(len(str(r.get('site'))) for r in results)
     cols.insert(1, ('site', f'{{:>{width}}}'))

@@ -717,6 +717,7 @@ _jit_logits = jax.jit(run_logits, static_argnames=_STATIC)
 _jit_cross_entropy = jax.jit(run_cross_entropy, static_argnames=_STATIC)
 _jit_activations = jax.jit(run_activations, static_argnames=("config", "site"))
 _jit_sites = jax.jit(run_sites, static_argnames=("config", "sites"))
+_jit_unembed = jax.jit(_unembed, static_argnames=("config",))
 
 
 # ---------------------------------------------------------------------------
@@ -938,6 +939,17 @@ class LanguageModel:
     for site in sites:
       parse_site(site, self.config.n_layers)
     return _jit_sites(self.params, self.config, self._ids(ids), sites=sites)
+
+  def unembed(self, resid: Any) -> jax.Array:
+    """Logits [..., vocab] of residual-stream vectors [..., d_model]: the final
+    norm, then the unembedding (the logit lens of a direction)."""
+    resid = jnp.asarray(resid, jnp.float32)
+    if resid.shape[-1] != self.d_model:
+      raise ValueError(
+          f"unembed expects vectors of width d_model {self.d_model}, got shape "
+          f"{resid.shape}"
+      )
+    return _jit_unembed(self.config, self.params, resid)
 
   def generate(self, ids: Any, n_new: int) -> np.ndarray:
     """Greedy continuation: returns ids [batch, seq + n_new] (int32).

@@ -51,3 +51,16 @@ def random_sae(architecture, d_in=16, d_sae=32, seed=0, k=4):
     params['threshold'] = np.float32(0.3)
   params['W_enc'] = params['W_enc'] * np.float32(0.7)
   return api.SAE(config, params, index=seed)
+
+
+def baseline_sae(w_enc, b_enc, w_dec):
+  """A baseline (ReLU) SAE from its weights W_enc [d_in, d_sae], b_enc, W_dec;
+  b_dec = 0."""
+  d_in, d_sae = np.shape(w_enc)
+  params = {
+      'W_enc': np.asarray(w_enc, np.float32),
+      'b_enc': np.asarray(b_enc, np.float32),
+      'W_dec': np.asarray(w_dec, np.float32),
+      'b_dec': np.zeros(d_in, np.float32),
+  }
+  return api.SAE(lm_config('baseline', d_in, d_sae), params)

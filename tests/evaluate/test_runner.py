@@ -1,5 +1,6 @@
 """evaluate/runner.py: splicing SAEs into the real LM, reports, and the CLI."""
 
+import html
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ from fake_saes import SITE, random_sae, scaled_identity_sae
 import gsae_jax
 from experiments import synthetic as synthetic_exp
 from gsae_jax import evaluate
-from gsae_jax.evaluate import export, plots, report
+from gsae_jax.evaluate import absorption, export, plots, probing, report, runner
 from gsae_jax.train import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -74,7 +75,7 @@ def test_plots_and_latent_report_from_lm_results(lm, lm_results, tmp_path):
     with open(path, 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   page = report.report_html(lm_results[0], lm, n_latents=3, n_examples=2)
-  assert page.count('<div class="latent">') == 3
+  assert page.count('<div class="latent" id="latent-') == 3
   assert page.count('<mark>') == 6
   # The highlighted token is where the latent's top activation is.
   r = lm_results[0]  # the identity SAE: f = [ReLU(x), ReLU(-x)]
@@ -86,6 +87,80 @@ def test_plots_and_latent_report_from_lm_results(lm, lm_results, tmp_path):
   f = np.concatenate([np.maximum(acts, 0), np.maximum(-acts, 0)], axis=-1)
   assert r['top_values'][latent][0] == pytest.approx(f[ctx, pos, latent], rel=1e-6)
   assert r['top_values'][latent][0] == pytest.approx(f[:, 1:, latent].max(), rel=1e-6)
+
+
+def test_logit_lens_is_the_final_norm_then_the_unembedding(lm):
+  directions = np.random.default_rng(0).normal(size=(2, lm.d_model))
+  top, top_logits, bottom, bottom_logits = report.logit_lens(lm, directions, 5)
+  d = directions.astype(np.float32).astype(np.float64)
+  gain = np.asarray(lm.params['final_norm'], np.float64)
+  normed = d / np.sqrt(np.mean(d**2, axis=1, keepdims=True) + lm.config.rms_eps) * gain
+  ref = normed @ np.asarray(lm.params['embed'], np.float64).T  # [2, vocab]
+  np.testing.assert_array_equal(top, np.argsort(-ref, axis=1)[:, :5])
+  np.testing.assert_array_equal(bottom, np.argsort(ref, axis=1)[:, :5])
+  np.testing.assert_allclose(top_logits, np.take_along_axis(ref, top, 1), rtol=1e-4)
+  np.testing.assert_allclose(
+      bottom_logits, np.take_along_axis(ref, bottom, 1), rtol=1e-4
+  )
+
+
+def test_latent_pages_show_the_logit_lens_and_an_index_by_frequency(
+    lm, lm_results, tmp_path
+):
+  sae = scaled_identity_sae(lm.d_model, 1)
+  result = lm_results[0]
+  paths = report.write_reports([(result, sae)], lm, str(tmp_path), n_latents=3)
+  assert [os.path.basename(p) for p in paths] == ['sae_0.html', 'index.html']
+  latents = report.sample_latents(result, 3)
+  top, _, bottom, _ = report.logit_lens(lm, sae.params['W_dec'][latents], 10)
+  with open(paths[0]) as f:
+    page = f.read()
+  assert page.count('promotes: ') == page.count('suppresses: ') == 3
+  first = repr(lm.decode(np.asarray([top[0][0]])).replace('\n', '\u21b5'))
+  assert html.escape(first) in page
+  with open(paths[1]) as f:
+    index = f.read()
+  freq = result['firing_frequency']
+  by_frequency = sorted(latents, key=lambda i: (-freq[i], i))
+  links = [index.index(f'sae_0.html#latent-{i}"') for i in by_frequency]
+  assert links == sorted(links)  # listed by firing frequency, highest first
+  for i in latents:
+    assert f'id="latent-{i}"' in page
+
+
+def test_probing_and_absorption_on_the_lm_give_one_row_per_sae(lm):
+  saes = [scaled_identity_sae(lm.d_model, 1, 0), random_sae('gated', lm.d_model, 64)]
+  probe_rows = probing.evaluate_probing(
+      saes, lm, site=SITE, n_train=4, n_test=2, example_len=6, ks=(1, 2), progress=False
+  )
+  for row in probe_rows:
+    assert row['probing_acc_raw'] == probe_rows[0]['probing_acc_raw']  # shared
+    assert row['probing_acc_k1'] == pytest.approx(
+        np.mean([row[f'probing_{t}_k1'] for t in probing.TASKS])
+    )
+    for key in ('raw', 'k1', 'k2'):
+      assert 0 <= row[f'probing_acc_{key}'] <= 1  # 4 test examples per task
+      assert all(row[f'probing_{t}_{key}'] * 4 % 1 == 0 for t in probing.TASKS)
+  rows = absorption.evaluate_absorption(
+      saes, lm, site=SITE, n_words=40, n_icl=1, min_letters=1, progress=False
+  )
+  for row in rows:
+    assert row['absorption_letters'] == len(row['per_letter'])
+    scored = row['absorption_letters'] >= 1  # else NaN, as SAEBench refuses
+    for key in ('absorption_rate', 'absorption_fraction'):
+      assert (0 <= row[key] <= 1) if scored else np.isnan(row[key])
+    assert row['absorption_probe_f1'] == rows[0]['absorption_probe_f1']
+
+
+def test_parse_evals():
+  assert evaluate.parse_evals('core, probing,core') == ('core', 'probing')
+  assert evaluate.parse_evals(['absorption']) == ('absorption',)
+  with pytest.raises(
+      ValueError, match=r"\['linear'\].*valid: core, probing, absorption"
+  ):
+    evaluate.parse_evals('core,linear')
+  with pytest.raises(ValueError, match='valid'):
+    evaluate.parse_evals('')
 
 
 # ---------------------------------------------------------------------------
@@ -133,6 +208,11 @@ def test_evaluate_cli_on_a_trained_sweep(tmp_path):
     assert 'loss_recovered' not in r  # no LM for a synthetic source
   with open(os.path.join(workdir, 'sweep.csv')) as f:
     assert 'eval_fvu' in f.readline()
+  with pytest.raises(ValueError, match='need SAEs of an LM site'):
+    evaluate.evaluate_workdir(workdir, evals='core,probing')
+  # An eval run without core joins the rows of the earlier eval.json.
+  joined = runner._join_earlier_results(workdir, [{'index': 1, 'probing_acc_k1': 0.5}])
+  assert joined[0]['fvu'] == results[1]['fvu'] and joined[0]['probing_acc_k1'] == 0.5
   density = np.load(os.path.join(workdir, 'eval_density.npz'))
   assert sorted(density) == ['sae_0', 'sae_1']
   # Exports pick up the evaluated densities.

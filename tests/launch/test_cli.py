@@ -76,6 +76,8 @@ def test_train_refuses_bad_input_then_runs_in_the_same_workdir(tmp_path):
   # The other launchers that read a run: evaluate and export.
   bad = _run('launch.evaluate', f'--workdir={tmp_path / "nothing"}')
   _assert_bad_input(bad, str(tmp_path / 'nothing'))
+  bad = _run('launch.evaluate', f'--workdir={workdir}', '--evals=core,saebench')
+  _assert_bad_input(bad, "'saebench'", 'valid: core, probing, absorption')
   out = str(tmp_path / 'eval')
   good = _run('launch.evaluate', f'--workdir={workdir}', f'--out={out}', '--noplots')
   assert good.returncode == 0, good.stderr[-3000:]
