@@ -17,7 +17,11 @@ words are split 80/20 into train and test (seeded).
    more than F1_JUMP: the latents kept are the letter's main latents.
 3. Per test word the letter's probe gets right ("true positive"), with p the
    unit probe direction, a = x . p the activation's projection on it and
-   proj_i = f_i cos(W_dec,i, p) each latent's:
+   proj_i = f_i (W_dec,i . p) each latent's share of the reconstruction's
+   projection (SAEBench writes f_i cos(W_dec,i, p), the same number for its
+   unit-norm decoder rows; an SAE here acts on raw activations with the
+   normalisation folded into W_dec, whose rows then have norm 1 / scale, and
+   the dot product keeps proj in the units of a):
    - full absorption: every main latent is silent (f < 1e-8), the latent of
      largest proj has cos >= FULL_COS, a >= 0, and proj_top / a >= PROJ_SHARE;
    - absorption fraction: with m = sum of the main latents' proj and A the sum
@@ -171,9 +175,10 @@ def word_absorption(
   """(full absorption [n] bool, absorption fraction [n]) of words x [n, d_in]
   with latents f [n, d_sae], for a probe direction and main latents."""
   p = direction / np.linalg.norm(direction)
-  cos = (w_dec @ p) / np.maximum(np.linalg.norm(w_dec, axis=1), 1e-12)  # [d_sae]
+  dots = w_dec @ p  # [d_sae]
+  cos = dots / np.maximum(np.linalg.norm(w_dec, axis=1), 1e-12)  # [d_sae]
   a = x @ p  # [n]
-  proj = f * cos  # [n, d_sae]
+  proj = f * dots  # [n, d_sae]: each latent's part of x_hat . p
   is_main = np.zeros(f.shape[1], bool)
   is_main[main] = True
   # Full absorption: main latents silent, the top-projecting latent aligned

@@ -84,6 +84,34 @@ def test_a_latent_taking_over_a_subset_reports_its_share():
   assert scores['absorption_rate'] == pytest.approx(share / 26)
 
 
+def test_absorption_does_not_depend_on_the_activations_scale():
+  # An SAE trained on normalised activations acts on raw ones with the scale
+  # folded into its weights (W_dec rows of norm 1 / scale): the same SAE on
+  # activations 40x larger must score the same.
+  u, v, train_x, train_letters, test_x, test_letters = _letters_world()
+  w_enc = np.concatenate([u, 2.0 * v]).T
+  w_enc[:, S] -= 2.0 * v.sum(axis=0)
+  w_dec = np.concatenate([u, (u[S] + v) / np.sqrt(2)])
+  scale = 40.0
+  unit = _scores(
+      baseline_sae(w_enc, np.full(31, -0.5), w_dec),
+      train_x,
+      train_letters,
+      test_x,
+      test_letters,
+  )
+  folded = _scores(
+      baseline_sae(w_enc / scale, np.full(31, -0.5), w_dec * scale),
+      train_x * scale,
+      train_letters,
+      test_x * scale,
+      test_letters,
+  )
+  assert unit['absorption_rate'] > 0
+  for key in ('absorption_rate', 'absorption_fraction'):
+    assert folded[key] == pytest.approx(unit[key], rel=1e-6)
+
+
 def test_word_absorption_follows_the_definitions():
   p = np.array([1.0, 0.0])
   # Latent 0 (main) along p; latent 1 at cos 0.6; latent 2 at cos 0.02.
