@@ -38,7 +38,8 @@ import numpy as np
 
 from gsae_jax import logs
 from gsae_jax.data import harvest
-from gsae_jax.evaluate import linear_probe, runner
+from gsae_jax.evaluate import linear_probe
+from gsae_jax.evaluate import saes as saes_lib
 from gsae_jax.sae import models
 
 K_VALUES = (1, 2, 5, 20)
@@ -314,8 +315,8 @@ def pooled_features(
     example left with no pooled position is all zeros.
   """
   n, length = ids.shape
-  specs = [runner.spec_of(s) for s in saes]
-  params = [runner.device_params(s) for s in saes]
+  specs = [saes_lib.spec_of(s) for s in saes]
+  params = [saes_lib.device_params(s) for s in saes]
   raw = np.zeros((n, lm.d_model), np.float64)
   latents = [np.zeros((n, sp.d_sae), np.float64) for sp in specs]
   bar = logs.Progress(label, n * length, first_compiles=True, enabled=progress)

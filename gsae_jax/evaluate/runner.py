@@ -52,9 +52,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsae_jax import backends, files, logs
+from gsae_jax import files, logs
 from gsae_jax.data import harvest
 from gsae_jax.evaluate import metrics
+from gsae_jax.evaluate.saes import device_params, spec_of
 from gsae_jax.sae import models
 from gsae_jax.train import sweep as sweep_lib
 
@@ -129,18 +130,6 @@ def sparsity_label(config) -> str:
   knob = models.SPARSITY_KNOB[config.sae.architecture]
   short = {'l1_coeff': 'l1', 'l0_coeff': 'l0', 'k': 'k'}[knob]
   return f'{short}={config.sae[knob]:.3g}'
-
-
-def spec_of(sae: Any) -> models.SAESpec:
-  """The SAE's resolved model spec (its step formulation chosen)."""
-  return getattr(sae, 'spec', None) or backends.resolve(
-      models.SAESpec.from_config(sae.config.sae)
-  )
-
-
-def device_params(sae: Any) -> dict[str, jax.Array]:
-  """The SAE's parameters as float32 device arrays."""
-  return {k: jnp.asarray(v, jnp.float32) for k, v in sae.params.items()}
 
 
 @functools.cache
