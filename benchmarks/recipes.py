@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gsae_jax  # noqa: E402
-from experiments.recipes import NUM_STEPS  # noqa: E402
+from experiments import recipes  # noqa: E402
 from gsae_jax.data import synthetic  # noqa: E402
 from gsae_jax.evaluate import plots  # noqa: E402
 from gsae_jax.sae import models  # noqa: E402
@@ -148,14 +148,16 @@ def best(summary: list[dict], arch: str) -> dict | None:
   return max(rows, key=lambda s: s['recovery']) if rows else None
 
 
+# The recipe's own warm-ups (experiments/recipes.py `_new`), per field.
+_SHIPPED = recipes.get_config('new-f16c').train
+
+
 def shipped(s: dict) -> bool:
   """Whether a setting of a `new*` sweep is the recipe as the experiment
-  configs ship it: the L1 coefficient warmed up over a quarter of training,
-  JumpReLU's L0 coefficient not warmed up (experiments/recipes.py `_new`)."""
-  arch = s['architecture']
-  if arch not in models.SPARSITY_WARMUP:
-    return True
-  return s['sparsity_warmup_steps'] == (0 if arch == 'jumprelu' else NUM_STEPS // 4)
+  configs ship it: its architecture's warm-up is the one `_new` sets (the
+  L1 coefficient over a quarter of training, JumpReLU's L0 coefficient none)."""
+  field = models.SPARSITY_WARMUP.get(s['architecture'])
+  return field is None or s['sparsity_warmup_steps'] == _SHIPPED[field]
 
 
 def headline(rows: list[dict], summary: list[dict]) -> str:
